@@ -1,0 +1,1 @@
+"""Composed Beam jobs and their entry points."""

@@ -1,0 +1,278 @@
+"""The `label-images` job: manifest or Parquet in, labeled Parquet out.
+
+    ReadManifest ─► LabelImages (FetchAndDecode ─► RunInference) ─► WriteParquet
+                                                          └─► Summarize ─► summary.json
+
+`build_job` validates the config and builds the graph; `run(argv)` parses flags,
+runs it and returns the exit code. The CLI (`label-images`,
+`python -m pipelines.label_images`), Dataflow and Airflow all enter through `run`.
+
+Exit codes: 0 the job ran (even if some images failed); 1 the job failed while
+running; 2 bad configuration or input (nothing ran); 3 the share of failed rows
+passed --max-error-rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from pipelines.config import ConfigError, JobConfig, load_config
+from pipelines.output import (
+    OutputError,
+    SummarizeRecords,
+    WriteSummary,
+    prepare_output,
+    read_summary,
+    shard_prefix,
+)
+from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
+from pipelines.runner import is_local, make_runner
+from transforms import __version__
+from transforms.batching import batch_settings
+from transforms.default_model import DEFAULT_MODEL_NAME
+from transforms.fetch import FetchOptions
+from transforms.image_classification import ImageClassificationModelHandler
+from transforms.label import DecodeOptions, LabelImages, LabelingOptions
+from transforms.models import (
+    ModelLoadError,
+    ModelSpec,
+    explain_load_error,
+    from_pretrained_kwargs,
+    resolve_model,
+)
+from transforms.postprocess import resolve_function
+from transforms.preprocess import ImagePreprocessor
+from transforms.rows import output_schema
+from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_BAD_CONFIG = 2
+EXIT_ERROR_RATE = 3
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job, ready to be added to a pipeline."""
+
+    config: JobConfig
+    plan: InputPlan
+    spec: ModelSpec
+    schema: pa.Schema
+    handler: ImageClassificationModelHandler
+    preprocessor: ImagePreprocessor
+    labeling: LabelingOptions
+
+
+def _check_model(config: JobConfig, spec: ModelSpec) -> dict[str, str]:
+    """Load the model's config in the launcher: fail early, and describe the model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    try:
+        model_config = AutoConfig.from_pretrained(
+            resolve_model(spec),
+            **{k: v for k, v in from_pretrained_kwargs(spec).items() if k != "use_safetensors"},
+        )
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise explain_load_error(spec, e) from e
+    if model_config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"model {spec.model!r} (model_type {model_config.model_type!r}) is not an image "
+            "classification model"
+        )
+    return {
+        "function_to_apply": resolve_function(config.function_to_apply, model_config).value,
+        "num_labels": str(model_config.num_labels),
+    }
+
+
+def build_job(config: JobConfig) -> Job:
+    """Validate everything that can be checked before running, and plan the job.
+
+    Raises:
+        ConfigError, InputError, ModelLoadError, ValueError: with a clear message.
+    """
+    plan = plan_input(config.input, uri_column=config.uri_column, input_format=config.input_format)
+    spec = ModelSpec(config.model, config.revision, config.allow_pickle_weights)
+    described = _check_model(config, spec)
+    model_name = f"default ({DEFAULT_MODEL_NAME})" if spec.is_default else config.model
+    metadata = {
+        "image_labeler.version": __version__,
+        "image_labeler.task": config.task,
+        "image_labeler.model": model_name,
+        "image_labeler.revision": config.revision or "",
+        "image_labeler.top_k": str(config.top_k),
+        "image_labeler.function_to_apply": described["function_to_apply"],
+        "image_labeler.num_labels": described["num_labels"],
+    }
+    schema = output_schema(plan.schema, metadata)
+    batching = batch_settings(
+        batch_size=config.batch_size,
+        on_gpu=config.device == "cuda",
+        min_batch_size=config.min_batch_size,
+        max_batch_duration_secs=config.max_batch_duration_secs,
+    )
+    handler = ImageClassificationModelHandler(
+        spec,
+        top_k=config.top_k,
+        function_to_apply=config.function_to_apply,
+        device=config.device,
+        precision=config.precision,
+        batching=batching,
+        model_copies=config.model_copies,
+        share_model_across_processes=config.share_model_across_processes,
+    )
+    labeling = LabelingOptions(
+        fetch=FetchOptions(
+            allowed_schemes=config.allowed_schemes,
+            timeout_s=config.fetch_timeout,
+            max_bytes=config.max_image_bytes,
+        ),
+        decode=DecodeOptions(max_pixels=config.max_image_pixels),
+    )
+    return Job(config, plan, spec, schema, handler, ImagePreprocessor(spec), labeling)
+
+
+def add_to_pipeline(
+    pipeline: beam.Pipeline, job: Job, *, started_at: float, progress_dir: str | None = None
+) -> beam.PCollection:
+    """Add the labeling graph to `pipeline`. Returns the PCollection of output records."""
+    rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
+    records = rows | "LabelImages" >> LabelImages(job.handler, job.preprocessor, job.labeling)
+    written = records | "WriteParquet" >> beam.io.WriteToParquet(
+        shard_prefix(job.config.output),
+        schema=job.schema,
+        file_name_suffix=".parquet",
+        num_shards=job.config.num_shards,
+        codec="snappy",
+    )
+    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords())
+    rows_in = rows | "CountRows" >> beam.combiners.Count.Globally()
+    _ = (
+        pipeline
+        | "SummaryTrigger" >> beam.Create([None])
+        | "WriteSummary"
+        >> beam.ParDo(
+            WriteSummary(job.config.output, started_at, job.config.to_dict()),
+            files=beam.pvalue.AsList(written),
+            stats=beam.pvalue.AsSingleton(stats),
+            rows_in=beam.pvalue.AsSingleton(rows_in),
+        )
+    )
+    if progress_dir:
+        _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir))
+    return records
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("pipelines", "transforms"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    statuses = ", ".join(f"{k} {v}" for k, v in summary["rows_by_status"].items() if v)
+    print(
+        f"Labeled {summary['rows_out']} of {summary['rows_in']} rows ({statuses or 'none'}) "
+        f"in {summary['wall_time_s']:.1f}s, {summary['images_per_s']:.1f} images/s",
+        file=sys.stderr,
+    )
+    if summary["top_labels"]:
+        top = ", ".join(f"{t['label']} ({t['count']})" for t in summary["top_labels"][:5])
+        print(f"Top labels: {top}", file=sys.stderr)
+    if summary["errors_by_code"]:
+        errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_code"].items())
+        print(f"Errors: {errors}", file=sys.stderr)
+    print(f"Output: {summary['config']['output']}", file=sys.stderr)
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    save_main_session: bool = True,
+    test_pipeline: beam.Pipeline | None = None,
+) -> int:
+    """Parse flags, run the job and return its exit code."""
+    _setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, beam_args = load_config(argv)
+        job = build_job(config)
+        prepare_output(config.output, overwrite=config.overwrite)
+    except (ConfigError, InputError, ModelLoadError, OutputError, ValueError) as e:
+        print(f"label-images: error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    local = is_local(options) and test_pipeline is None
+    started_at = time.time()
+    with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
+        show_progress = local and config.progress
+        if test_pipeline is not None:
+            pipeline = test_pipeline
+        else:
+            pipeline = beam.Pipeline(runner=make_runner(options), options=options)
+        add_to_pipeline(
+            pipeline,
+            job,
+            started_at=started_at,
+            progress_dir=progress_dir if show_progress else None,
+        )
+        total = count_rows(job.plan) if show_progress else None
+        try:
+            if show_progress:
+                with ProgressPrinter(progress_dir, total) as printer:
+                    pipeline.run().wait_until_finish()
+                done = printer.done()
+                print(progress_line(done, total, time.time() - started_at), file=sys.stderr)
+            else:
+                pipeline.run().wait_until_finish()
+        except Exception as e:
+            logger.exception("The labeling job failed")
+            print(f"label-images: job failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_JOB_FAILED
+    try:
+        summary = read_summary(config.output)
+    except FileNotFoundError:
+        print("label-images: the job ran but wrote no summary.json", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    _print_summary(summary)
+    # The final line is one machine-readable JSON summary (scheduler logs).
+    brief = {k: v for k, v in summary.items() if k != "config"}
+    print(json.dumps({"label_images_summary": brief}, default=str))
+    if config.max_error_rate is not None and summary["error_rate"] > config.max_error_rate:
+        print(
+            f"label-images: error rate {summary['error_rate']:.3f} is above "
+            f"--max-error-rate {config.max_error_rate}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR_RATE
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Picking the runner: local runs use Beam's FnApiRunner directly, offline.
+
+Beam's DirectRunner first tries the Prism runner, which downloads a binary
+from the internet (and waits on the network where there is none) before it
+falls back. With no `--runner`, or `--runner DirectRunner`, we build the same
+FnApiRunner the DirectRunner would fall back to, so local runs never touch the
+network. `--direct_num_workers` and `--direct_running_mode` work as usual.
+"""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineRunner
+
+LOCAL_RUNNERS = {None, "", "directrunner", "direct", "fnapirunner"}
+
+
+def is_local(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "").lower() in LOCAL_RUNNERS
+
+
+def make_runner(options: PipelineOptions) -> PipelineRunner | None:
+    """An offline local runner for local runs; None lets Beam pick (Dataflow ...)."""
+    if not is_local(options):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    # As in DirectRunner.run_pipeline, so DoFns see the pipeline options.
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision_info = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    )
+    return fn_runner.FnApiRunner(provision_info=provision_info)

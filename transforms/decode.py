@@ -1,0 +1,79 @@
+"""Decoding image bytes with Pillow into an upright RGB image, or an error code."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from transforms.errors import ErrorCode, RowError
+
+#: Default decompression-bomb limit, in pixels (Pillow's own default is ~89 MP).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+# Fail on truncated files instead of silently padding them with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(
+    data: bytes, *, draft_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode bytes into an RGB image, the way transformers' `load_image` does.
+
+    EXIF orientation is applied, then the image is converted to RGB. For JPEG,
+    when `draft_side` is given, the decoder's draft mode decodes at a reduced
+    scale (1/2, 1/4 or 1/8) that stays at least `draft_side` pixels on both
+    sides: a 3000x2000 photo for a 224 px model decodes about 8x faster.
+
+    Args:
+        data: the encoded image.
+        draft_side: smallest side to keep when decoding JPEG in draft mode;
+            None decodes at full size.
+        max_pixels: images with more pixels than this are refused as
+            decompression bombs, before any pixel is decoded.
+
+    Raises:
+        RowError: with a decode error code; never anything else.
+    """
+    if not data:
+        raise RowError(ErrorCode.EMPTY_FILE, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise RowError(
+                    ErrorCode.DECOMPRESSION_BOMB,
+                    f"{width}x{height} pixels is over the {max_pixels} pixel limit",
+                )
+            if draft_side and isinstance(image, ImageFile.ImageFile) and image.format == "JPEG":
+                image.draft("RGB", (draft_side, draft_side))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return image.convert("RGB")
+    except RowError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RowError(ErrorCode.DECOMPRESSION_BOMB, str(e)) from e
+    except UnidentifiedImageError as e:
+        raise RowError(ErrorCode.NOT_AN_IMAGE, f"not a recognised image ({_sniff(data)})") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        message = str(e)
+        if "truncated" in message or "broken data stream" in message or isinstance(e, EOFError):
+            raise RowError(ErrorCode.TRUNCATED, message) from e
+        raise RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {message}") from e
+    except Exception as e:  # a codec bug must not take the job down
+        raise RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}") from e
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "looks like HTML"
+    if head.startswith(b"<?xml") or b"<svg" in head:
+        return "looks like XML/SVG"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:256]):
+        return "looks like text"
+    return f"{len(data)} bytes, starts with {data[:8].hex()}"

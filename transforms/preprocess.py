@@ -1,0 +1,79 @@
+"""The model's own image preprocessing, run on the fetch/decode workers.
+
+RunInference then receives fixed-shape float32 arrays and the hot path does
+nothing but stack them and run the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def load_image_processor(spec: ModelSpec) -> Any:
+    """Load the image processor exactly as `transformers.pipeline` would."""
+    from transformers import AutoImageProcessor
+
+    path = resolve_model(spec)
+    kwargs = from_pretrained_kwargs(spec)
+    kwargs.pop("use_safetensors", None)  # weights only
+    try:
+        return AutoImageProcessor.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise explain_load_error(spec, e) from e
+
+
+def input_side(processor: Any) -> int:
+    """The largest side, in pixels, of the model input the processor produces."""
+    data_config = getattr(processor, "data_config", None)
+    if isinstance(data_config, dict) and "input_size" in data_config:  # timm
+        return int(max(data_config["input_size"][-2:]))
+    sides: list[int] = []
+    for attr in ("crop_size", "size"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, dict):
+            sides += [int(v) for k, v in value.items() if v and k != "longest_edge"]
+        elif hasattr(value, "__dict__"):  # SizeDict in fast processors
+            sides += [int(v) for k, v in vars(value).items() if v and k != "longest_edge"]
+        elif isinstance(value, int):
+            sides.append(value)
+    return max(sides) if sides else 224
+
+
+class ImagePreprocessor:
+    """Turns decoded RGB images into the model's `pixel_values`, one per image.
+
+    Example::
+
+        pre = ImagePreprocessor(ModelSpec("path/to/model"))
+        pixel_values = pre([Image.open("cat.jpg").convert("RGB")])  # list of CHW arrays
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._processor: Any = None
+
+    def setup(self) -> None:
+        if self._processor is None:
+            self._processor = load_image_processor(self._spec)
+
+    @property
+    def draft_side(self) -> int:
+        """Decode JPEGs at no less than twice the model input (see `decode_image`)."""
+        self.setup()
+        return 2 * input_side(self._processor)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        self.setup()
+        out = self._processor(images=list(images), return_tensors="pt")
+        pixel_values = out["pixel_values"]
+        array = np.ascontiguousarray(pixel_values.float().numpy())
+        return list(array)

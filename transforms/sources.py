@@ -1,0 +1,439 @@
+"""Reading image manifests (txt, CSV, JSONL) and Parquet into `ImageRow`s.
+
+The input is planned once, when the job is built (`plan_input`): files are
+matched, the format and the URI column are decided and the passthrough schema is
+fixed, so a bad input fails before any worker starts. The `ReadImageRows`
+transform then reads the planned files on the workers: Parquet is split by row
+group so large inputs spread across workers, and every row is keyed by its
+position.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from transforms.errors import ErrorCode, RowError
+from transforms.rows import ImageRow
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("text", "csv", "jsonl", "parquet")
+#: URI columns tried, in order, when `--uri-column` is not given and `uri` is absent.
+URI_COLUMN_CANDIDATES = ("uri", "image_url", "url", "path", "image_path")
+TEXT_URI_COLUMN = "uri"
+
+_EXTENSIONS = {
+    ".txt": "text",
+    ".lst": "text",
+    ".list": "text",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+# Schema inference for CSV/JSONL looks at this much of the first file.
+_INFER_BYTES = 4 << 20
+# Parquet is read in record batches of this many rows, so a huge row group
+# never sits in memory whole.
+PARQUET_READ_BATCH_ROWS = 1024
+
+
+class InputError(ValueError):
+    """The input cannot be read as asked. The message says what to change."""
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """Everything the workers need to read the input, decided at build time."""
+
+    files: tuple[str, ...]
+    format: str
+    uri_column: str
+    schema: pa.Schema  # passthrough columns, in input order
+    delimiter: str = ","
+
+
+def _strip_compression(path: str) -> str:
+    for ext in _COMPRESSIONS:
+        if path.lower().endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def detect_format(path: str) -> str:
+    """The input format implied by a file name (compression suffixes ignored)."""
+    ext = posixpath.splitext(_strip_compression(path).lower())[1]
+    return _EXTENSIONS.get(ext, "text")
+
+
+def _protocol(path: str) -> str:
+    return path.split("://", 1)[0].lower() if "://" in path else "file"
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, original: str, found: str) -> str:
+    """fsspec globs drop the protocol of remote paths; put it back."""
+    proto = _protocol(original)
+    if proto == "file" or "://" in found:
+        return found
+    return f"{proto}://{found}"
+
+
+def match_files(pattern: str) -> list[str]:
+    """Expand a path, glob or directory URI into a sorted list of files."""
+    fs, _, _ = fsspec.get_fs_token_paths(pattern)
+    if _protocol(pattern) in ("http", "https"):
+        return [pattern]
+    if any(ch in pattern for ch in "*?["):
+        found = [p for p in fs.glob(pattern) if not fs.isdir(p)]
+    elif fs.isdir(pattern):
+        found = [p for p in fs.find(pattern) if detect_format(p) == "parquet"]
+        if not found:
+            raise InputError(
+                f"--input {pattern} is a directory with no *.parquet files; "
+                "point it at a manifest file or a glob such as 'dir/*.csv'"
+            )
+    elif fs.exists(pattern):
+        found = [pattern]
+    else:
+        raise InputError(f"--input {pattern} does not exist")
+    if not found:
+        raise InputError(f"--input {pattern} matches no files")
+    return sorted(_unstrip(fs, pattern, p) for p in found)
+
+
+def _read_head(path: str, limit: int = _INFER_BYTES) -> bytes:
+    with fsspec.open(path, "rb", compression="infer") as f:
+        head: bytes = f.read(limit)
+        if len(head) == limit:  # cut at the last full line
+            head = head[: head.rfind(b"\n") + 1]
+        return head
+
+
+def _infer_schema(path: str, fmt: str, delimiter: str) -> pa.Schema:
+    if fmt == "text":
+        return pa.schema([pa.field(TEXT_URI_COLUMN, pa.string())])
+    if fmt == "parquet":
+        with fsspec.open(path, "rb") as f:
+            schema: pa.Schema = pq.read_schema(f)
+        return schema.remove_metadata()
+    head = _read_head(path)
+    try:
+        if fmt == "csv":
+            table = pa_csv.read_csv(
+                io.BytesIO(head), parse_options=pa_csv.ParseOptions(delimiter=delimiter)
+            )
+        else:
+            table = pa_json.read_json(io.BytesIO(head))
+    except pa.ArrowInvalid as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+    # Columns that are null in the sample get a string type rather than `null`.
+    fields = [
+        pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema
+    ]
+    return pa.schema(fields)
+
+
+def choose_uri_column(schema: pa.Schema, requested: str | None, source: str) -> str:
+    """The URI column: the requested one, else the first known name present."""
+    if requested:
+        if requested not in schema.names:
+            raise InputError(
+                f"--uri-column {requested!r} is not a column of {source}; "
+                f"its columns are {schema.names}"
+            )
+        chosen = requested
+    else:
+        candidates = [c for c in URI_COLUMN_CANDIDATES if c in schema.names]
+        if not candidates:
+            raise InputError(
+                f"{source} has no URI column: looked for {list(URI_COLUMN_CANDIDATES)} "
+                f"among {schema.names}; name it with --uri-column"
+            )
+        chosen = candidates[0]
+        if chosen != "uri":
+            logger.info("Using column %r of %s as the image URI column", chosen, source)
+    if not (
+        pa.types.is_string(schema.field(chosen).type)
+        or pa.types.is_large_string(schema.field(chosen).type)
+    ):
+        raise InputError(
+            f"URI column {chosen!r} of {source} has type {schema.field(chosen).type}, "
+            "expected strings"
+        )
+    return chosen
+
+
+def plan_input(
+    pattern: str, *, uri_column: str | None = None, input_format: str = "auto"
+) -> InputPlan:
+    """Match the input and fix its format, URI column and passthrough schema.
+
+    Args:
+        pattern: a file, glob or directory; local or any fsspec URI.
+        uri_column: the column holding image URIs; auto-detected when None.
+        input_format: one of `FORMATS`, or "auto" to go by the file extension.
+
+    Raises:
+        InputError: when the input cannot be used; the message says why.
+    """
+    files = match_files(pattern)
+    formats = {detect_format(f) for f in files} if input_format == "auto" else {input_format}
+    if len(formats) > 1:
+        raise InputError(f"--input {pattern} mixes formats {sorted(formats)}; pass one format")
+    fmt = formats.pop()
+    if fmt not in FORMATS:
+        raise InputError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
+    delimiter = "\t" if _strip_compression(files[0]).lower().endswith(".tsv") else ","
+    schema = _infer_schema(files[0], fmt, delimiter)
+    if fmt == "text":
+        if uri_column not in (None, TEXT_URI_COLUMN):
+            raise InputError(
+                f"--uri-column {uri_column!r} does not apply to a plain-text manifest, "
+                "whose only column is 'uri'"
+            )
+        chosen = TEXT_URI_COLUMN
+    else:
+        chosen = choose_uri_column(schema, uri_column, files[0])
+    return InputPlan(tuple(files), fmt, chosen, schema, delimiter)
+
+
+def resolve_uri(uri: str, base_dir: str) -> str:
+    """Resolve a manifest entry against the manifest's folder.
+
+    Absolute paths and URIs with a scheme are returned as they are.
+    """
+    if "://" in uri or uri.startswith("/") or not uri:
+        return uri
+    if "://" in base_dir:
+        return posixpath.join(base_dir, uri)
+    return posixpath.normpath(posixpath.join(base_dir, uri))
+
+
+def _base_dir(path: str) -> str:
+    return posixpath.dirname(path)
+
+
+def _to_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value).strip()
+
+
+def _coerce(values: dict[str, Any], schema: pa.Schema) -> str | None:
+    """Check each value against its column type in place; return a problem, if any."""
+    for f in schema:
+        v = values.get(f.name)
+        if v is None:
+            continue
+        try:
+            pa.array([v], type=f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            values[f.name] = None
+            return f"column {f.name!r}: {v!r} is not {f.type}"
+    return None
+
+
+class _ReadRows(beam.DoFn):
+    """Reads one work unit (a file, or a Parquet row group) into `ImageRow`s."""
+
+    def __init__(self, plan: InputPlan) -> None:
+        self._plan = plan
+
+    def process(self, unit: tuple[int, str, int]) -> Iterator[ImageRow]:
+        file_no, path, row_group = unit
+        base = _base_dir(path)
+        reader = {
+            "text": self._text,
+            "csv": self._csv,
+            "jsonl": self._jsonl,
+            "parquet": self._parquet,
+        }[self._plan.format]
+        for row_no, values, error in reader(path, row_group):
+            raw = _to_text(values.get(self._plan.uri_column))
+            uri = resolve_uri(raw, base) if raw else raw
+            yield ImageRow(index=f"{file_no}:{row_no}", uri=uri, values=values, error=error)
+
+    def _text(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
+            for line_no, line in enumerate(f, start=1):
+                entry = line.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                yield line_no, {TEXT_URI_COLUMN: entry}, None
+
+    def _csv(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        schema = self._plan.schema
+        with fsspec.open(path, "rt", encoding="utf-8", newline="", compression="infer") as f:
+            reader = csv.reader(f, delimiter=self._plan.delimiter)
+            header = next(reader, None)
+            if header is None:
+                return
+            for cells in reader:
+                row_no = reader.line_num
+                if not cells:
+                    continue
+                record = dict(zip(header, cells, strict=False))
+                values: dict[str, Any] = {}
+                problem = None
+                if len(cells) != len(header):
+                    problem = f"{len(cells)} fields where the header has {len(header)}"
+                for f_ in schema:
+                    value, bad = _parse_csv_cell(record.get(f_.name), f_)
+                    values[f_.name] = value
+                    problem = problem or bad
+                error = (
+                    RowError(ErrorCode.MALFORMED_ROW, f"{path} line {row_no}: {problem}")
+                    if problem
+                    else None
+                )
+                yield row_no, values, error
+
+    def _jsonl(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        schema = self._plan.schema
+        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                except ValueError as e:
+                    yield (
+                        line_no,
+                        {},
+                        RowError(ErrorCode.MALFORMED_ROW, f"{path} line {line_no}: {e}"),
+                    )
+                    continue
+                values = {name: obj.get(name) for name in schema.names}
+                problem = _coerce(values, schema)
+                error = (
+                    RowError(ErrorCode.MALFORMED_ROW, f"{path} line {line_no}: {problem}")
+                    if problem
+                    else None
+                )
+                yield line_no, values, error
+
+    def _parquet(
+        self, path: str, row_group: int
+    ) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        schema = self._plan.schema
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            offset = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+            missing = [n for n in schema.names if n not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(f"{path} lacks column(s) {missing} found in the first file")
+            for batch in pf.iter_batches(
+                batch_size=PARQUET_READ_BATCH_ROWS, row_groups=[row_group], columns=schema.names
+            ):
+                table = pa.Table.from_batches([batch]).select(schema.names)
+                if table.schema != schema:
+                    table = table.cast(schema)
+                for values in table.to_pylist():
+                    yield offset, values, None
+                    offset += 1
+
+
+# pyarrow's default CSV null spellings, which its type inference also used.
+_CSV_NULLS = frozenset(pa_csv.ConvertOptions().null_values)
+
+
+def _parse_csv_cell(cell: str | None, field: pa.Field) -> tuple[Any, str | None]:
+    """Convert one CSV cell to its column's inferred type: (value, problem)."""
+    if cell is None:
+        return None, None
+    if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+        return cell, None
+    if cell in _CSV_NULLS:
+        return None, None
+    try:
+        return pa.scalar(cell, pa.string()).cast(field.type).as_py(), None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None, f"column {field.name!r}: {cell!r} is not {field.type}"
+
+
+class _SplitUnits(beam.DoFn):
+    """Turns a file into work units: one per Parquet row group, one per manifest."""
+
+    def __init__(self, plan: InputPlan) -> None:
+        self._plan = plan
+
+    def process(self, item: tuple[int, str]) -> Iterator[tuple[int, str, int]]:
+        file_no, path = item
+        if self._plan.format != "parquet":
+            yield file_no, path, 0
+            return
+        with fsspec.open(path, "rb") as f:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+        for group in range(groups):
+            yield file_no, path, group
+
+
+class ReadImageRows(beam.PTransform):
+    """Reads a planned input into a PCollection of `ImageRow`.
+
+    Example::
+
+        plan = plan_input("gs://bucket/manifests/*.csv")
+        rows = pipeline | ReadImageRows(plan)
+    """
+
+    def __init__(self, plan: InputPlan) -> None:
+        super().__init__()
+        self._plan = plan
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "ListFiles" >> beam.Create(list(enumerate(self._plan.files)))
+            | "SplitUnits" >> beam.ParDo(_SplitUnits(self._plan))
+            # Spread row groups over workers before reading them.
+            | "SpreadUnits" >> beam.Reshuffle()
+            | "ReadRows" >> beam.ParDo(_ReadRows(self._plan))
+            # A manifest file is read by one worker; spread its rows so fetching
+            # and inference run everywhere (Dataflow fuses steps otherwise).
+            | "SpreadRows" >> beam.Reshuffle()
+        )
+
+
+def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
+    """Row count for progress, when it is cheap to know; None otherwise.
+
+    Parquet counts come from file footers. Local manifests are counted by lines
+    (blank lines and `#` comments skipped) when they are not too large.
+    """
+    total = 0
+    for path in plan.files:
+        if plan.format == "parquet":
+            with fsspec.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        fs, local = fsspec.core.url_to_fs(path)
+        if _protocol(path) != "file" or fs.size(local) > max_bytes:
+            return None
+        with fsspec.open(path, "rb", compression="infer") as f:
+            lines = [line.strip() for line in f]
+        entries = [
+            line for line in lines if line and not (plan.format == "text" and line.startswith(b"#"))
+        ]
+        total += len(entries) - (1 if plan.format == "csv" and entries else 0)
+    return total
