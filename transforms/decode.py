@@ -61,9 +61,11 @@ def decode_image(
         raise RowError(ErrorCode.NOT_AN_IMAGE, f"not a recognised image ({_sniff(data)})") from e
     except (OSError, SyntaxError, EOFError) as e:
         message = str(e)
-        if "truncated" in message or "broken data stream" in message or isinstance(e, EOFError):
+        lowered = message.lower()
+        if "truncated" in lowered or "broken data stream" in lowered or isinstance(e, EOFError):
             raise RowError(ErrorCode.TRUNCATED, message) from e
-        raise RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {message}") from e
+        # The format was recognised but its data does not parse.
+        raise RowError(ErrorCode.CORRUPT, f"{type(e).__name__}: {message}") from e
     except Exception as e:  # a codec bug must not take the job down
         raise RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}") from e
 

@@ -8,7 +8,6 @@ what dashboards and `summary.json` count; the message is for people.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +43,7 @@ class ErrorCode(str, Enum):
     EMPTY_FILE = "empty_file"
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
     DECOMPRESSION_BOMB = "decompression_bomb"
     DECODE_FAILED = "decode_failed"
     # inference_error
@@ -57,6 +57,7 @@ _STATUS_OF_CODE: dict[ErrorCode, Status] = {
     ErrorCode.EMPTY_FILE: Status.DECODE_ERROR,
     ErrorCode.NOT_AN_IMAGE: Status.DECODE_ERROR,
     ErrorCode.TRUNCATED: Status.DECODE_ERROR,
+    ErrorCode.CORRUPT: Status.DECODE_ERROR,
     ErrorCode.DECOMPRESSION_BOMB: Status.DECODE_ERROR,
     ErrorCode.DECODE_FAILED: Status.DECODE_ERROR,
     ErrorCode.INFERENCE_FAILED: Status.INFERENCE_ERROR,
@@ -68,12 +69,16 @@ def status_of(code: ErrorCode) -> Status:
     return _STATUS_OF_CODE.get(code, Status.FETCH_ERROR)
 
 
-@dataclass(frozen=True)
 class RowError(Exception):
-    """A failure of one row, carried as data rather than raised out of a DoFn."""
+    """A failure of one row, carried as data rather than raised out of a DoFn.
 
-    code: ErrorCode
-    message: str
+    Picklable (it travels between Beam workers) and comparable by value.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code = ErrorCode(code)
+        self.message = message
 
     @property
     def status(self) -> Status:
@@ -81,6 +86,18 @@ class RowError(Exception):
 
     def __str__(self) -> str:
         return format_error(self.code, self.message)
+
+    def __repr__(self) -> str:
+        return f"RowError({self.code.value!r}, {self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RowError) and (self.code, self.message) == (
+            other.code,
+            other.message,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.message))
 
 
 def format_error(code: ErrorCode, message: str) -> str:

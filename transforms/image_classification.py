@@ -11,7 +11,8 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.batching import BatchSettings, batch_settings
-from transforms.errors import ErrorCode, RowError
+from transforms.errors import RowError
+from transforms.inference import isolate_failures
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import (
     ClassificationFunction,
@@ -153,16 +154,7 @@ class ImageClassificationModelHandler(
         model: LoadedClassifier,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[Prediction | RowError]:
-        try:
-            return list(self._predict(batch, model))
-        except Exception as e:
-            if len(batch) == 1:
-                return [RowError(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {e}")]
-            logger.warning("Batch of %d failed (%s); retrying image by image", len(batch), e)
-        results: list[Prediction | RowError] = []
-        for example in batch:
-            results.extend(self.run_inference([example], model, inference_args))
-        return results
+        return isolate_failures(batch, lambda examples: self._predict(examples, model))
 
     def _predict(self, batch: Sequence[np.ndarray], model: LoadedClassifier) -> list[Prediction]:
         logits = self.forward(batch, model)

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
 from transforms.errors import ErrorCode, RowError, Status
 from transforms.fetch import FetchOptions, fetch_bytes
-from transforms.image_classification import METRICS_NAMESPACE, ImageClassificationModelHandler
-from transforms.preprocess import ImagePreprocessor
+from transforms.image_classification import METRICS_NAMESPACE
+from transforms.preprocess import Preprocessor
 from transforms.rows import ImageRow, Prediction, error_record, ok_record
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class FetchDecodePreprocess(beam.DoFn):
 
     def __init__(
         self,
-        preprocessor: ImagePreprocessor,
+        preprocessor: Preprocessor,
         fetch: FetchOptions | None = None,
         decode: DecodeOptions | None = None,
     ) -> None:
@@ -142,8 +143,8 @@ class LabelImages(beam.PTransform):
 
     def __init__(
         self,
-        handler: ImageClassificationModelHandler,
-        preprocessor: ImagePreprocessor,
+        handler: ModelHandler[np.ndarray, Prediction | RowError, Any],
+        preprocessor: Preprocessor,
         options: LabelingOptions | None = None,
     ) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -46,6 +46,17 @@ def input_side(processor: Any) -> int:
         elif isinstance(value, int):
             sides.append(value)
     return max(sides) if sides else 224
+
+
+class Preprocessor(Protocol):
+    """What `FetchDecodePreprocess` needs from a preprocessor."""
+
+    def setup(self) -> None: ...
+
+    @property
+    def draft_side(self) -> int: ...
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[np.ndarray]: ...
 
 
 class ImagePreprocessor:

@@ -119,7 +119,8 @@ def match_files(pattern: str) -> list[str]:
     return sorted(_unstrip(fs, pattern, p) for p in found)
 
 
-def _read_head(path: str, limit: int = _INFER_BYTES) -> bytes:
+def _read_head(path: str, limit: int | None = None) -> bytes:
+    limit = limit or _INFER_BYTES
     with fsspec.open(path, "rb", compression="infer") as f:
         head: bytes = f.read(limit)
         if len(head) == limit:  # cut at the last full line
@@ -137,11 +138,16 @@ def _infer_schema(path: str, fmt: str, delimiter: str) -> pa.Schema:
     head = _read_head(path)
     try:
         if fmt == "csv":
+            # Malformed lines are skipped for inference only; the reader turns
+            # them into invalid_input rows.
             table = pa_csv.read_csv(
-                io.BytesIO(head), parse_options=pa_csv.ParseOptions(delimiter=delimiter)
+                io.BytesIO(head),
+                parse_options=pa_csv.ParseOptions(
+                    delimiter=delimiter, invalid_row_handler=lambda _: "skip"
+                ),
             )
         else:
-            table = pa_json.read_json(io.BytesIO(head))
+            table = pa_json.read_json(io.BytesIO(_json_objects(head)))
     except pa.ArrowInvalid as e:
         raise InputError(f"cannot read {path} as {fmt}: {e}") from e
     # Columns that are null in the sample get a string type rather than `null`.
@@ -149,6 +155,20 @@ def _infer_schema(path: str, fmt: str, delimiter: str) -> pa.Schema:
         pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema
     ]
     return pa.schema(fields)
+
+
+def _json_objects(head: bytes) -> bytes:
+    """The lines of `head` that are JSON objects (bad lines become error rows later)."""
+    good = []
+    for line in head.splitlines():
+        try:
+            if isinstance(json.loads(line), dict):
+                good.append(line)
+        except ValueError:
+            continue
+    if not good:
+        raise InputError("no line in the first block is a JSON object")
+    return b"\n".join(good) + b"\n"
 
 
 def choose_uri_column(schema: pa.Schema, requested: str | None, source: str) -> str:

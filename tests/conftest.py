@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models built from configs, real photos, manifests.
+
+Nothing here touches a model hub: HF_HUB_OFFLINE=1 makes a stray hub lookup
+fail at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Converted and copied models go to a per-session cache, not ~/.cache."""
+    cache = tmp_path_factory.mktemp("image-labeler-cache")
+    old = os.environ.get("IMAGE_LABELER_CACHE")
+    os.environ["IMAGE_LABELER_CACHE"] = str(cache)
+    yield
+    if old is None:
+        os.environ.pop("IMAGE_LABELER_CACHE", None)
+    else:
+        os.environ["IMAGE_LABELER_CACHE"] = old
+
+
+def _save_vit(path: Path, *, num_labels: int, problem_type: Any) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(  # type: ignore[call-arg]  # num_labels etc. go to PreTrainedConfig
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=num_labels,
+        id2label={i: f"class_{i}" for i in range(num_labels)},
+        label2id={f"class_{i}": i for i in range(num_labels)},
+        problem_type=problem_type,
+    )
+    model = ViTForImageClassification(config).eval()
+    # Spread the logits so top-k orders are well separated in every test.
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-label (softmax) ViT with 7 labels, random weights."""
+    return _save_vit(tmp_path_factory.mktemp("tiny-vit"), num_labels=7, problem_type=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_multilabel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A multi-label (sigmoid) ViT with 5 labels, random weights."""
+    return _save_vit(
+        tmp_path_factory.mktemp("tiny-vit-ml"),
+        num_labels=5,
+        problem_type="multi_label_classification",
+    )
+
+
+def real_photo(name: str) -> Image.Image:
+    """A real photo that ships with scikit-image, as RGB."""
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos at small sizes, as JPEG and PNG files."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        image = real_photo(name)
+        image.thumbnail((160, 160))
+        image.save(root / f"{name}.jpg", quality=90)
+        image.save(root / f"{name}.png")
+    # A grayscale photo and one with an alpha channel.
+    real_photo("camera").convert("L").resize((96, 96)).save(root / "camera_gray.png")
+    rgba = real_photo("coffee").resize((80, 60)).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "coffee_rgba.png")
+    return root
+
+
+@pytest.fixture()
+def random_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))

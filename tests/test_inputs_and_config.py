@@ -1,0 +1,190 @@
+"""Tier 1: input planning, manifest parsing and config handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from transforms import sources
+from transforms.errors import ErrorCode
+from transforms.rows import output_schema
+from transforms.sources import InputError, _ReadRows, count_rows, plan_input, resolve_uri
+
+
+def _read_all(plan) -> list:
+    reader = _ReadRows(plan)
+    rows = []
+    for file_no, path in enumerate(plan.files):
+        groups = 1
+        if plan.format == "parquet":
+            groups = pq.ParquetFile(path).metadata.num_row_groups
+        for group in range(groups):
+            rows += list(reader.process((file_no, path, group)))
+    return rows
+
+
+def test_text_manifest_skips_blanks_and_comments_and_resolves_relative(tmp_path: Path) -> None:
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("# header\n\na.jpg\n  sub/b.png  \n/abs/c.jpg\ngs://bkt/d.jpg\na.jpg\n")
+    plan = plan_input(str(manifest))
+    assert plan.format == "text"
+    assert plan.schema.names == ["uri"]
+    rows = _read_all(plan)
+    assert [r.uri for r in rows] == [
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "sub/b.png"),
+        "/abs/c.jpg",
+        "gs://bkt/d.jpg",
+        str(tmp_path / "a.jpg"),
+    ]
+    assert [r.values["uri"] for r in rows][0] == "a.jpg"  # passthrough as written
+    assert len({r.index for r in rows}) == 5  # duplicates keep distinct keys
+    assert count_rows(plan) == 5
+
+
+def test_csv_manifest_keeps_types_and_flags_malformed_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "image_url,id,weight,tag\n"
+        'a.jpg,1,0.5,"x, quoted"\n'
+        "b.jpg,2,,y\n"
+        "c.jpg,not-a-number,1.5,z\n"
+        "d.jpg,4\n"
+    )
+    # Types are inferred from the head of the file; make the head the first 2 rows
+    # so a later row can disagree with them.
+    monkeypatch.setattr(sources, "_INFER_BYTES", 50)
+    plan = plan_input(str(manifest))
+    assert plan.uri_column == "image_url"
+    assert plan.schema.field("id").type == pa.int64()
+    assert plan.schema.field("weight").type == pa.float64()
+    rows = _read_all(plan)
+    assert len(rows) == 4
+    assert rows[0].values == {"image_url": "a.jpg", "id": 1, "weight": 0.5, "tag": "x, quoted"}
+    assert rows[1].values["weight"] is None and rows[1].error is None
+    assert rows[2].error is not None and rows[2].error.code is ErrorCode.MALFORMED_ROW
+    assert "not-a-number" in str(rows[2].error)
+    assert rows[3].error is not None and "2 fields" in str(rows[3].error)
+    assert count_rows(plan) == 4
+
+
+def test_jsonl_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    lines = [
+        {"path": "a.jpg", "n": 1, "tags": ["x"]},
+        {"path": "b.jpg", "n": None, "tags": []},
+    ]
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n[1]\n")
+    plan = plan_input(str(manifest))
+    assert plan.uri_column == "path"
+    rows = _read_all(plan)
+    assert [r.values.get("n") for r in rows[:2]] == [1, None]
+    assert rows[0].values["tags"] == ["x"]
+    assert rows[2].error is not None and rows[2].error.code is ErrorCode.MALFORMED_ROW
+    assert rows[3].error is not None and "JSON object" in str(rows[3].error)
+
+
+def test_parquet_row_groups_are_keyed_by_position(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    table = pa.table({"uri": [f"{i}.jpg" for i in range(10)], "n": list(range(10))})
+    pq.write_table(table, path, row_group_size=3)
+    plan = plan_input(str(path))
+    rows = _read_all(plan)
+    assert [r.values["n"] for r in rows] == list(range(10))
+    assert [r.index for r in rows] == [f"0:{i}" for i in range(10)]
+    assert count_rows(plan) == 10
+
+
+def test_directory_of_parquet(tmp_path: Path) -> None:
+    for i in range(2):
+        pq.write_table(pa.table({"url": [f"{i}.jpg"]}), tmp_path / f"p{i}.parquet")
+    plan = plan_input(str(tmp_path))
+    assert len(plan.files) == 2 and plan.uri_column == "url"
+
+
+def test_uri_column_errors(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"name": ["a"], "id": [1]}), path)
+    with pytest.raises(InputError, match="no URI column"):
+        plan_input(str(path))
+    with pytest.raises(InputError, match="'missing' is not a column"):
+        plan_input(str(path), uri_column="missing")
+    with pytest.raises(InputError, match="expected strings"):
+        plan_input(str(path), uri_column="id")
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        plan_input(str(tmp_path / "nope.txt"))
+    with pytest.raises(InputError, match="matches no files"):
+        plan_input(str(tmp_path / "*.csv"))
+
+
+def test_resolve_uri() -> None:
+    assert resolve_uri("a.jpg", "/data") == "/data/a.jpg"
+    assert resolve_uri("../a.jpg", "/data/x") == "/data/a.jpg"
+    assert resolve_uri("a.jpg", "gs://b/dir") == "gs://b/dir/a.jpg"
+    assert resolve_uri("https://h/a.jpg", "/data") == "https://h/a.jpg"
+
+
+def test_output_schema_refuses_clashing_columns() -> None:
+    with pytest.raises(ValueError, match="label"):
+        output_schema(pa.schema([("uri", pa.string()), ("label", pa.int64())]))
+
+
+# ---- config --------------------------------------------------------------------
+
+
+def test_flags_override_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("top-k: 3\nbatch_size: 4\npipeline_options:\n  direct_num_workers: 2\n")
+    config, beam_args = load_config(
+        ["--input", "in.txt", "--output", "out", "--config", str(cfg), "--top-k", "7"]
+    )
+    assert config.top_k == 7
+    assert config.batch_size == 4
+    assert beam_args == ["--direct_num_workers=2"]
+
+
+def test_beam_options_pass_through() -> None:
+    _, beam_args = load_config(
+        ["--input", "i", "--output", "o", "--runner", "DirectRunner", "--direct_num_workers", "2"]
+    )
+    assert beam_args == ["--runner", "DirectRunner", "--direct_num_workers", "2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--input", "i", "--output", "o", "--top-k", "-1"], "--top-k"),
+        (["--input", "i", "--output", "o", "--top-k", "many"], "--top-k"),
+        (["--input", "i", "--output", "o", "--bogus-flag", "1"], "--bogus-flag"),
+        (["--input", "i", "--output", "o", "--function-to-apply", "tanh"], "--function-to-apply"),
+        (["--input", "i"], "--output is required"),
+        (["--input", "i", "--output", "o", "--device", "cpu", "--precision", "fp16"], "fp16"),
+        (["--input", "i", "--output", "o", "--batch-size", "4", "--min-batch-size", "8"], "min"),
+    ],
+)
+def test_bad_flags(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: i\noutput: o\ntop_kk: 3\n")
+    with pytest.raises(ConfigError, match="top_kk"):
+        load_config(["--config", str(cfg)])
+
+
+def test_shipped_configs_load() -> None:
+    for cfg in sorted(Path("configs").glob("*.yaml")):
+        config, _ = load_config(["--config", str(cfg), "--input", "i", "--output", "o"])
+        assert config.config == str(cfg)

@@ -1,0 +1,272 @@
+"""Tier 1: pure functions (postprocess, errors, batching, decode)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from transforms.batching import BatchSettings, batch_settings
+from transforms.decode import decode_image
+from transforms.errors import ErrorCode, RowError, Status, format_error, redact, redact_uri
+from transforms.fetch import FetchOptions, check_uri, fetch_bytes
+from transforms.postprocess import (
+    ClassificationFunction,
+    apply_function,
+    resolve_function,
+    top_k_predictions,
+)
+
+
+def _config(num_labels: int, problem_type: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(num_labels=num_labels, problem_type=problem_type)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "problem_type", "expected"),
+    [
+        (10, None, "softmax"),
+        (10, "single_label_classification", "softmax"),
+        (10, "multi_label_classification", "sigmoid"),
+        (1, None, "sigmoid"),
+        (3, "regression", "none"),
+    ],
+)
+def test_default_function(num_labels: int, problem_type: str | None, expected: str) -> None:
+    function = resolve_function("default", _config(num_labels, problem_type))
+    assert function.value == expected
+
+
+def test_explicit_function_wins() -> None:
+    assert resolve_function("none", _config(10)) is ClassificationFunction.NONE
+
+
+def test_bad_function_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        resolve_function("tanh", _config(10))
+
+
+def test_softmax_and_sigmoid_values() -> None:
+    logits = np.array([[0.0, 1.0, 2.0]], dtype=np.float32)
+    soft = apply_function(logits, ClassificationFunction.SOFTMAX)
+    assert soft.sum() == pytest.approx(1.0)
+    assert soft[0, 2] == pytest.approx(np.exp(2) / np.exp([0, 1, 2]).sum(), rel=1e-6)
+    sig = apply_function(logits, ClassificationFunction.SIGMOID)
+    assert sig[0, 0] == pytest.approx(0.5)
+    assert apply_function(logits, ClassificationFunction.NONE) is logits
+
+
+def test_softmax_is_stable_for_large_logits() -> None:
+    logits = np.array([[1000.0, 1001.0]], dtype=np.float32)
+    scores = apply_function(logits, ClassificationFunction.SOFTMAX)
+    assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize(("top_k", "expected_len"), [(1, 1), (3, 3), (4, 4), (9, 4), (0, 4)])
+def test_top_k_caps_and_orders(top_k: int, expected_len: int) -> None:
+    scores = np.array([[0.1, 0.4, 0.3, 0.2]], dtype=np.float32)
+    id2label = {0: "a", 1: "b", 2: "c", 3: "d"}
+    (pred,) = top_k_predictions(scores, id2label, top_k)
+    assert pred.labels == ["b", "c", "d", "a"][:expected_len]
+    assert pred.scores == pytest.approx([0.4, 0.3, 0.2, 0.1][:expected_len])
+
+
+def test_top_k_ties_keep_label_order() -> None:
+    """transformers sorts with a stable sort, so equal scores keep label order."""
+    scores = np.array([[0.25, 0.25, 0.5, 0.25]], dtype=np.float32)
+    (pred,) = top_k_predictions(scores, {0: "a", 1: "b", 2: "c", 3: "d"}, 4)
+    assert pred.labels == ["c", "a", "b", "d"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("https://h.example/a.jpg?X-Goog-Signature=abc&x=1", "https://h.example/a.jpg?<redacted>"),
+        ("https://user:pw@h.example/a.jpg", "https://h.example/a.jpg"),
+        ("gs://bucket/a.jpg", "gs://bucket/a.jpg"),
+        ("/local/a.jpg", "/local/a.jpg"),
+    ],
+)
+def test_redact_uri(uri: str, expected: str) -> None:
+    assert redact_uri(uri) == expected
+
+
+def test_error_messages_are_redacted() -> None:
+    text = format_error(ErrorCode.HTTP_404, "GET https://h/x.jpg?token=SECRET failed")
+    assert "SECRET" not in text
+    assert text.startswith("http_404: ")
+    assert "SECRET" not in redact("see http://a/b?sig=SECRET and s3://b/k?X=SECRET")
+
+
+def test_row_error_status() -> None:
+    assert RowError(ErrorCode.NOT_FOUND, "x").status is Status.FETCH_ERROR
+    assert RowError(ErrorCode.TRUNCATED, "x").status is Status.DECODE_ERROR
+    assert RowError(ErrorCode.EMPTY_URI, "x").status is Status.INVALID_INPUT
+    assert RowError(ErrorCode.INFERENCE_FAILED, "x").status is Status.INFERENCE_ERROR
+
+
+def test_batch_settings() -> None:
+    assert batch_settings(batch_size=None, on_gpu=False).max_batch_size == 16
+    assert batch_settings(batch_size=None, on_gpu=True).max_batch_size == 64
+    fixed = batch_settings(batch_size=8, on_gpu=False)
+    assert fixed.as_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
+    flexible = batch_settings(
+        batch_size=8, on_gpu=False, min_batch_size=2, max_batch_duration_secs=5
+    )
+    assert flexible.as_kwargs() == {
+        "min_batch_size": 2,
+        "max_batch_size": 8,
+        "max_batch_duration_secs": 5,
+    }
+    with pytest.raises(ValueError):
+        BatchSettings(min_batch_size=9, max_batch_size=8)
+
+
+# ---- URIs and fetch -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "code"),
+    [
+        ("", ErrorCode.EMPTY_URI),
+        ("   ", ErrorCode.EMPTY_URI),
+        (None, ErrorCode.EMPTY_URI),
+        ("ftp://h/a.jpg", ErrorCode.UNSUPPORTED_SCHEME),
+        ("data://x", ErrorCode.UNSUPPORTED_SCHEME),
+    ],
+)
+def test_invalid_uris(uri: str | None, code: ErrorCode) -> None:
+    with pytest.raises(RowError) as info:
+        check_uri(uri, FetchOptions())
+    assert info.value.code is code
+    assert info.value.status is Status.INVALID_INPUT
+
+
+def test_scheme_allowlist_can_exclude_http() -> None:
+    with pytest.raises(RowError) as info:
+        check_uri("https://h/a.jpg", FetchOptions(allowed_schemes=("file",)))
+    assert info.value.code is ErrorCode.UNSUPPORTED_SCHEME
+
+
+def test_fetch_missing_file(tmp_path) -> None:
+    with pytest.raises(RowError) as info:
+        fetch_bytes(str(tmp_path / "nope.jpg"), FetchOptions())
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+def test_fetch_too_large(tmp_path) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"x" * 1000)
+    with pytest.raises(RowError) as info:
+        fetch_bytes(str(path), FetchOptions(max_bytes=999))
+    assert info.value.code is ErrorCode.TOO_LARGE
+    assert fetch_bytes(str(path), FetchOptions(max_bytes=1000)) == b"x" * 1000
+
+
+# ---- decode ---------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "1", "LA", "I;16"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF"])
+def test_decode_modes_and_formats(mode: str, fmt: str) -> None:
+    base = Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    image = base.convert(mode) if mode != "I;16" else base.convert("L").convert("I;16")
+    try:
+        data = _encode(image, fmt)
+    except (OSError, ValueError, KeyError):
+        pytest.skip(f"Pillow cannot write {mode} as {fmt}")
+    decoded = decode_image(data)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (32, 24)
+
+
+def test_decode_applies_exif_orientation() -> None:
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    decoded = decode_image(_encode(image, "JPEG", exif=exif))
+    assert decoded.size == (20, 40)
+
+
+def test_jpeg_draft_decodes_large_images_smaller() -> None:
+    image = Image.new("RGB", (2000, 1600), "blue")
+    data = _encode(image, "JPEG")
+    full = decode_image(data)
+    draft = decode_image(data, draft_side=448)
+    assert full.size == (2000, 1600)
+    # 1/2 scale keeps both sides >= 448; 1/4 (500x400) would not.
+    assert draft.size == (1000, 800)
+    small = decode_image(_encode(Image.new("RGB", (500, 375)), "JPEG"), draft_side=448)
+    assert small.size == (500, 375)
+
+
+def _truncated_jpeg() -> bytes:
+    rng = np.random.default_rng(2)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", ErrorCode.EMPTY_FILE),
+        (b"<!DOCTYPE html><html><body>404 Not Found</body></html>", ErrorCode.NOT_AN_IMAGE),
+        (
+            b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"></svg>',
+            ErrorCode.NOT_AN_IMAGE,
+        ),
+        (b"just some text\n", ErrorCode.NOT_AN_IMAGE),
+        (_truncated_jpeg(), ErrorCode.TRUNCATED),
+    ],
+)
+def test_decode_errors(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(RowError) as info:
+        decode_image(data)
+    assert info.value.code is code
+    assert info.value.status is Status.DECODE_ERROR
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    data = _encode(Image.new("L", (3000, 3000)), "PNG")
+    with pytest.raises(RowError) as info:
+        decode_image(data, max_pixels=1_000_000)
+    assert info.value.code is ErrorCode.DECOMPRESSION_BOMB
+
+
+def test_extension_does_not_matter(tmp_path) -> None:
+    """A PNG saved as .jpg decodes by content."""
+    path = tmp_path / "really_a_png.jpg"
+    Image.new("RGB", (10, 10), "green").save(path, format="PNG")
+    assert decode_image(fetch_bytes(str(path), FetchOptions())).size == (10, 10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_decode_never_raises_anything_but_row_error(data: bytes) -> None:
+    try:
+        image = decode_image(data, max_pixels=4_000_000)
+    except RowError as e:
+        assert e.status is Status.DECODE_ERROR
+    else:
+        assert image.mode == "RGB"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=0, max_value=2000))
+def test_decode_of_any_jpeg_prefix_is_a_row_or_an_image(cut: int) -> None:
+    data = _encode(Image.new("RGB", (48, 48), "purple"), "JPEG")[:cut]
+    try:
+        decode_image(data)
+    except RowError as e:
+        assert e.status is Status.DECODE_ERROR
