@@ -9,6 +9,7 @@ defaults. Unknown keys and unknown flags are errors that name them.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from transforms.image_classification import DEVICES, PRECISIONS
 from transforms.postprocess import ClassificationFunction
 from transforms.sources import FORMATS
 
-TASKS = ("image-classification",)
+IMAGE_CLASSIFICATION = "image-classification"
+ZERO_SHOT = "zero-shot-image-classification"
+TASKS = (IMAGE_CLASSIFICATION, ZERO_SHOT)
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,21 @@ def _csv_list(value: Any) -> tuple[str, ...]:
     return tuple(str(item).strip().lower() for item in items if str(item).strip())
 
 
+def _label_list(value: Any) -> tuple[str, ...]:
+    """Labels from a YAML list, or from a comma-separated string with CSV quoting
+    (``'cat,"hot dog, grilled",car'``)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(item).strip() for item in value)
+    rows = list(csv.reader([str(value)], skipinitialspace=True))
+    return tuple(item.strip() for item in rows[0]) if rows else ()
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(item) for item in value)
+    return (str(value),)
+
+
 def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value)
@@ -94,6 +112,7 @@ class Option:
     metavar: str | None = None
     flag_only: bool = False  # not allowed in YAML (e.g. --config itself)
     is_switch: bool = False  # a flag without a value
+    repeatable: bool = False  # the flag may be given several times
 
     @property
     def flag(self) -> str:
@@ -115,6 +134,20 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "column with image URIs (default: uri, then image_url/url/path/image_path)",
         "NAME",
+    ),
+    Option(
+        "candidate_labels",
+        _label_list,
+        "zero-shot labels, comma-separated (CSV quoting for commas inside a label)",
+        "LABELS",
+    ),
+    Option("candidate_labels_file", str, "zero-shot labels, one per line (local or gs://)", "FILE"),
+    Option(
+        "hypothesis_template",
+        _str_list,
+        "zero-shot prompt with {} for the label; repeat it to ensemble prompts",
+        "TEMPLATE",
+        repeatable=True,
     ),
     Option(
         "top_k", _non_negative_int, "labels kept per image, capped at the label count; 0 = all", "K"
@@ -172,11 +205,14 @@ class JobConfig:
 
     input: str
     output: str
-    task: str = "image-classification"
+    task: str = IMAGE_CLASSIFICATION
     model: str = "default"
     revision: str | None = None
     input_format: str = "auto"
     uri_column: str | None = None
+    candidate_labels: tuple[str, ...] | None = None
+    candidate_labels_file: str | None = None
+    hypothesis_template: tuple[str, ...] = ("This is a photo of {}.",)
     top_k: int = 5
     function_to_apply: str = "default"
     batch_size: int | None = None
@@ -202,6 +238,9 @@ class JobConfig:
         """The resolved config, JSON-ready (for summary.json)."""
         data = dataclasses.asdict(self)
         data["allowed_schemes"] = list(self.allowed_schemes)
+        data["hypothesis_template"] = list(self.hypothesis_template)
+        if self.candidate_labels is not None:
+            data["candidate_labels"] = list(self.candidate_labels)
         return data
 
 
@@ -216,7 +255,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for option in OPTIONS:
-        if option.is_switch:
+        if option.repeatable:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action="append",
+                default=None,
+                metavar=option.metavar,
+                help=option.help,
+            )
+        elif option.is_switch:
             parser.add_argument(
                 option.flag,
                 dest=option.name,
@@ -285,6 +333,8 @@ def merge_config(
     for key, raw_value in flags.items():
         if raw_value is not None:
             values[key] = _parse_value(_BY_NAME[key], raw_value, "flag")
+    if values.get("hypothesis_template") == ():
+        raise ConfigError("--hypothesis-template needs at least one template")
     for required in ("input", "output"):
         if not values.get(required):
             raise ConfigError(f"--{required} is required (as a flag or in --config)")
@@ -311,6 +361,35 @@ def validate(config: JobConfig) -> None:
         raise ConfigError("--revision applies to a hub --model id, not to the default model")
     if not config.allowed_schemes:
         raise ConfigError("--allowed-schemes must name at least one scheme")
+    has_labels = config.candidate_labels is not None or config.candidate_labels_file is not None
+    if config.task == ZERO_SHOT:
+        if config.candidate_labels is not None and config.candidate_labels_file is not None:
+            raise ConfigError("give --candidate-labels or --candidate-labels-file, not both")
+        if not has_labels:
+            raise ConfigError(
+                "--task zero-shot-image-classification needs --candidate-labels or "
+                "--candidate-labels-file"
+            )
+        if config.function_to_apply != "default":
+            raise ConfigError(
+                "--function-to-apply does not apply to zero-shot classification: CLIP-like "
+                "models use softmax over the labels, SigLIP-like models a sigmoid per label"
+            )
+        if config.model == "default":
+            raise ConfigError(
+                "zero-shot classification needs a CLIP- or SigLIP-family --model "
+                "(the default model is an ImageNet classifier)"
+            )
+    else:
+        if has_labels:
+            raise ConfigError(
+                "--candidate-labels/--candidate-labels-file apply only to "
+                "--task zero-shot-image-classification"
+            )
+        if config.hypothesis_template != JobConfig.hypothesis_template:
+            raise ConfigError(
+                "--hypothesis-template applies only to --task zero-shot-image-classification"
+            )
 
 
 def pipeline_option_args(options: Mapping[str, Any]) -> list[str]:

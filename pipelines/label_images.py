@@ -25,9 +25,10 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from pipelines.config import ConfigError, JobConfig, load_config
+from pipelines.config import ZERO_SHOT, ConfigError, JobConfig, load_config
 from pipelines.output import (
     OutputError,
     SummarizeRecords,
@@ -55,6 +56,7 @@ from transforms.postprocess import resolve_function
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import output_schema
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
+from transforms.zero_shot import LabelSet, LabelSetError, ZeroShotModelHandler, is_sigmoid_family
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +74,16 @@ class Job:
     plan: InputPlan
     spec: ModelSpec
     schema: pa.Schema
-    handler: ImageClassificationModelHandler
+    handler: ModelHandler[Any, Any, Any]
     preprocessor: ImagePreprocessor
     labeling: LabelingOptions
 
 
-def _check_model(config: JobConfig, spec: ModelSpec) -> dict[str, str]:
-    """Load the model's config in the launcher: fail early, and describe the model."""
+def _load_model_config(spec: ModelSpec) -> Any:
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
 
     try:
-        model_config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             resolve_model(spec),
             **{k: v for k, v in from_pretrained_kwargs(spec).items() if k != "use_safetensors"},
         )
@@ -93,14 +91,65 @@ def _check_model(config: JobConfig, spec: ModelSpec) -> dict[str, str]:
         raise
     except Exception as e:
         raise explain_load_error(spec, e) from e
+
+
+def _check_classifier(config: JobConfig, spec: ModelSpec) -> dict[str, str]:
+    """Load the model's config in the launcher: fail early, and describe the model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_config = _load_model_config(spec)
     if model_config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        hint = ""
+        if hasattr(model_config, "text_config") and hasattr(model_config, "vision_config"):
+            hint = "; for a CLIP/SigLIP model use --task zero-shot-image-classification"
         raise ModelLoadError(
             f"model {spec.model!r} (model_type {model_config.model_type!r}) is not an image "
-            "classification model"
+            f"classification model{hint}"
         )
     return {
-        "function_to_apply": resolve_function(config.function_to_apply, model_config).value,
-        "num_labels": str(model_config.num_labels),
+        "image_labeler.function_to_apply": resolve_function(
+            config.function_to_apply, model_config
+        ).value,
+        "image_labeler.num_labels": str(model_config.num_labels),
+    }
+
+
+def read_label_file(path: str) -> tuple[str, ...]:
+    """One label per line (local or any fsspec URI); blank lines are skipped."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except FileNotFoundError as e:
+        raise ConfigError(f"--candidate-labels-file {path} does not exist") from e
+
+
+def _check_zero_shot(config: JobConfig, spec: ModelSpec) -> tuple[LabelSet, dict[str, str]]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    if config.candidate_labels_file:
+        labels = read_label_file(config.candidate_labels_file)
+    else:
+        labels = tuple(config.candidate_labels or ())
+    label_set = LabelSet(labels, tuple(config.hypothesis_template))
+    model_config = _load_model_config(spec)
+    if model_config.model_type not in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"model {spec.model!r} (model_type {model_config.model_type!r}) has no image/text "
+            "towers; zero-shot classification needs a CLIP- or SigLIP-family model"
+        )
+    function = "sigmoid" if is_sigmoid_family(model_config.model_type) else "softmax"
+    return label_set, {
+        "image_labeler.function_to_apply": function,
+        "image_labeler.num_labels": str(len(label_set.labels)),
+        "image_labeler.label_count": str(len(label_set.labels)),
+        "image_labeler.label_set_sha256": label_set.digest(),
+        "image_labeler.hypothesis_templates": json.dumps(list(label_set.templates)),
     }
 
 
@@ -112,7 +161,29 @@ def build_job(config: JobConfig) -> Job:
     """
     plan = plan_input(config.input, uri_column=config.uri_column, input_format=config.input_format)
     spec = ModelSpec(config.model, config.revision, config.allow_pickle_weights)
-    described = _check_model(config, spec)
+    batching = batch_settings(
+        batch_size=config.batch_size,
+        on_gpu=config.device == "cuda",
+        min_batch_size=config.min_batch_size,
+        max_batch_duration_secs=config.max_batch_duration_secs,
+    )
+    common: dict[str, Any] = {
+        "top_k": config.top_k,
+        "device": config.device,
+        "precision": config.precision,
+        "batching": batching,
+        "model_copies": config.model_copies,
+        "share_model_across_processes": config.share_model_across_processes,
+    }
+    handler: ModelHandler[Any, Any, Any]
+    if config.task == ZERO_SHOT:
+        label_set, described = _check_zero_shot(config, spec)
+        handler = ZeroShotModelHandler(spec, label_set, **common)
+    else:
+        described = _check_classifier(config, spec)
+        handler = ImageClassificationModelHandler(
+            spec, function_to_apply=config.function_to_apply, **common
+        )
     model_name = f"default ({DEFAULT_MODEL_NAME})" if spec.is_default else config.model
     metadata = {
         "image_labeler.version": __version__,
@@ -120,26 +191,9 @@ def build_job(config: JobConfig) -> Job:
         "image_labeler.model": model_name,
         "image_labeler.revision": config.revision or "",
         "image_labeler.top_k": str(config.top_k),
-        "image_labeler.function_to_apply": described["function_to_apply"],
-        "image_labeler.num_labels": described["num_labels"],
+        **described,
     }
     schema = output_schema(plan.schema, metadata)
-    batching = batch_settings(
-        batch_size=config.batch_size,
-        on_gpu=config.device == "cuda",
-        min_batch_size=config.min_batch_size,
-        max_batch_duration_secs=config.max_batch_duration_secs,
-    )
-    handler = ImageClassificationModelHandler(
-        spec,
-        top_k=config.top_k,
-        function_to_apply=config.function_to_apply,
-        device=config.device,
-        precision=config.precision,
-        batching=batching,
-        model_copies=config.model_copies,
-        share_model_across_processes=config.share_model_across_processes,
-    )
     labeling = LabelingOptions(
         fetch=FetchOptions(
             allowed_schemes=config.allowed_schemes,
@@ -218,7 +272,7 @@ def run(
         config, beam_args = load_config(argv)
         job = build_job(config)
         prepare_output(config.output, overwrite=config.overwrite)
-    except (ConfigError, InputError, ModelLoadError, OutputError, ValueError) as e:
+    except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
         print(f"label-images: error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 

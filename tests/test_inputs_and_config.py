@@ -188,3 +188,58 @@ def test_shipped_configs_load() -> None:
     for cfg in sorted(Path("configs").glob("*.yaml")):
         config, _ = load_config(["--config", str(cfg), "--input", "i", "--output", "o"])
         assert config.config == str(cfg)
+
+
+def test_candidate_labels_from_flag_and_yaml(tmp_path: Path) -> None:
+    base = [
+        "--input",
+        "i",
+        "--output",
+        "o",
+        "--task",
+        "zero-shot-image-classification",
+        "--model",
+        "some/clip",
+    ]
+    config, _ = load_config(base + ["--candidate-labels", 'cat, "hot dog, grilled",car'])
+    assert config.candidate_labels == ("cat", "hot dog, grilled", "car")
+    assert config.hypothesis_template == ("This is a photo of {}.",)
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text(
+        "task: zero-shot-image-classification\nmodel: some/clip\n"
+        "candidate_labels: [cat, 'hot dog, grilled']\n"
+        "hypothesis_template: ['a photo of {}.', 'art of {}.']\n"
+    )
+    config, _ = load_config(["--config", str(cfg), "--input", "i", "--output", "o"])
+    assert config.candidate_labels == ("cat", "hot dog, grilled")
+    assert config.hypothesis_template == ("a photo of {}.", "art of {}.")
+    config, _ = load_config(
+        ["--config", str(cfg), "--input", "i", "--output", "o", "--hypothesis-template", "{}"]
+    )
+    assert config.hypothesis_template == ("{}",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--candidate-labels", "cat"], "apply only to"),
+        (["--hypothesis-template", "a {}"], "applies only to"),
+        (
+            [
+                "--task",
+                "zero-shot-image-classification",
+                "--model",
+                "m",
+                "--candidate-labels",
+                "a",
+                "--candidate-labels-file",
+                "f",
+            ],
+            "not both",
+        ),
+        (["--task", "zero-shot-image-classification", "--candidate-labels", "a"], "CLIP"),
+    ],
+)
+def test_zero_shot_flag_conflicts(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--input", "i", "--output", "o", *argv])
