@@ -185,6 +185,11 @@ OPTIONS: tuple[Option, ...] = (
         "max_error_rate", _rate, "exit non-zero when more than this share of rows failed", "RATE"
     ),
     Option("fetch_timeout", _positive_float, "seconds per network request", "S"),
+    Option("fetch_concurrency", _positive_int, "fetches in flight per worker process", "N"),
+    Option("fetch_per_host", _positive_int, "http(s) fetches in flight per host", "N"),
+    Option("fetch_retries", _non_negative_int, "retries of a transient fetch failure", "N"),
+    Option("decode_threads", _positive_int, "images decoded at once per worker process", "N"),
+    Option("jpeg_draft", _bool, "decode large JPEGs at reduced scale (much faster)", "BOOL"),
     Option("max_image_bytes", _positive_int, "downloads past this size fail as too_large", "BYTES"),
     Option("max_image_pixels", _positive_int, "decompression-bomb limit, in pixels", "PIXELS"),
     Option("allowed_schemes", _csv_list, "URI schemes that may be fetched", "LIST"),
@@ -226,6 +231,11 @@ class JobConfig:
     overwrite: bool = False
     max_error_rate: float | None = None
     fetch_timeout: float = 30.0
+    fetch_concurrency: int = 64
+    fetch_per_host: int = 16
+    fetch_retries: int = 3
+    decode_threads: int = 2
+    jpeg_draft: bool = True
     max_image_bytes: int = 50 << 20
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES

@@ -199,8 +199,15 @@ def build_job(config: JobConfig) -> Job:
             allowed_schemes=config.allowed_schemes,
             timeout_s=config.fetch_timeout,
             max_bytes=config.max_image_bytes,
+            retries=config.fetch_retries,
+            concurrency=config.fetch_concurrency,
+            per_host=config.fetch_per_host,
         ),
-        decode=DecodeOptions(max_pixels=config.max_image_pixels),
+        decode=DecodeOptions(
+            max_pixels=config.max_image_pixels,
+            draft=config.jpeg_draft,
+            threads=config.decode_threads,
+        ),
     )
     return Job(config, plan, spec, schema, handler, ImagePreprocessor(spec), labeling)
 

@@ -15,6 +15,13 @@ DEFAULT_MAX_PIXELS = 178_956_970
 # Fail on truncated files instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+try:  # HEIC/HEIF when the optional plugin is installed (AVIF is built into Pillow 11.3+)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:
+    pass
+
 
 def decode_image(
     data: bytes, *, draft_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -58,6 +65,9 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RowError(ErrorCode.DECOMPRESSION_BOMB, str(e)) from e
     except UnidentifiedImageError as e:
+        magic = image_magic(data)
+        if magic:  # an image format's signature, but Pillow cannot parse the rest
+            raise RowError(ErrorCode.CORRUPT, f"{magic} signature, but the data is corrupt") from e
         raise RowError(ErrorCode.NOT_AN_IMAGE, f"not a recognised image ({_sniff(data)})") from e
     except (OSError, SyntaxError, EOFError) as e:
         message = str(e)
@@ -68,6 +78,29 @@ def decode_image(
         raise RowError(ErrorCode.CORRUPT, f"{type(e).__name__}: {message}") from e
     except Exception as e:  # a codec bug must not take the job down
         raise RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}") from e
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def image_magic(data: bytes) -> str | None:
+    """The image format whose signature `data` starts with, if any."""
+    for prefix, name in _MAGIC:
+        if data.startswith(prefix):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"avif", b"mif1"):
+        return "HEIF/AVIF"
+    return None
 
 
 def _sniff(data: bytes) -> str:

@@ -38,6 +38,8 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"
     CONNECTION = "connection_error"
     TOO_LARGE = "too_large"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    INCOMPLETE_DOWNLOAD = "incomplete_download"
     FETCH_FAILED = "fetch_failed"
     # decode_error
     EMPTY_FILE = "empty_file"

@@ -1,13 +1,31 @@
-"""Fetching image bytes through fsspec, with every failure mapped to an error code."""
+"""Fetching image bytes: concurrent, bounded, retried, every failure an error code.
+
+http(s) goes through one aiohttp session per worker, on an event loop in a
+background thread, with a global and a per-host concurrency cap. Other schemes
+(local files, gs:// through gcsfs, s3:// through s3fs) go through fsspec in the
+caller's thread; `FetchDecodePreprocess` calls `Fetcher.fetch` from a thread
+pool, so latency overlaps either way.
+
+Only transient failures are retried (HTTP 408/425/429/5xx, timeouts, connection
+resets, incomplete bodies), with exponential backoff and full jitter, honouring
+`Retry-After`. 4xx other than those are final at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import errno
 import logging
+import random
 import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -16,6 +34,13 @@ from transforms.errors import ErrorCode, RowError, redact_uri
 logger = logging.getLogger(__name__)
 
 DEFAULT_ALLOWED_SCHEMES: tuple[str, ...] = ("file", "gs", "s3", "http", "https")
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset(
+    {ErrorCode.TIMEOUT, ErrorCode.CONNECTION, ErrorCode.INCOMPLETE_DOWNLOAD}
+)
+_USER_AGENT = "beam-image-labeler/0.1 (+batch image labeling)"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,13 +49,32 @@ class FetchOptions:
 
     Attributes:
         allowed_schemes: URI schemes that may be fetched; others are `invalid_input`.
-        timeout_s: per-request timeout for network fetches.
+        timeout_s: per-request timeout (connect + read) for network fetches.
         max_bytes: a download past this size is aborted (`too_large`).
+        retries: extra attempts after a transient failure (0 = no retry).
+        concurrency: fetches in flight per worker process.
+        per_host: fetches in flight per host (http/https), so one slow host cannot
+            take every slot and no site gets hammered.
+        backoff_s: first retry delay; doubles each attempt, with full jitter.
+        max_backoff_s: cap on one retry delay, `Retry-After` included.
+        max_redirects: HTTP redirects followed before `too_many_redirects`.
     """
 
     allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES
     timeout_s: float = 30.0
     max_bytes: int = 50 << 20
+    retries: int = 3
+    concurrency: int = 64
+    per_host: int = 16
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_redirects: int = 10
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.concurrency < 1 or self.per_host < 1:
+            raise ValueError("retries must be >= 0, concurrency and per_host >= 1")
+        if self.timeout_s <= 0 or self.max_bytes < 1:
+            raise ValueError("timeout_s and max_bytes must be positive")
 
 
 def scheme_of(uri: str) -> str:
@@ -59,67 +103,251 @@ def check_uri(uri: str | None, options: FetchOptions) -> str:
     return uri
 
 
-def _storage_options(scheme: str, options: FetchOptions) -> dict[str, Any]:
-    if scheme in ("http", "https"):
-        import aiohttp
-
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=options.timeout_s)}}
-    return {}
-
-
-def fetch_bytes(uri: str, options: FetchOptions) -> bytes:
-    """Read the whole object at `uri`, up to `options.max_bytes`.
-
-    Raises:
-        RowError: with a fetch error code; never anything else.
-    """
-    uri = check_uri(uri, options)
-    scheme = scheme_of(uri)
-    try:
-        with fsspec.open(uri, "rb", **_storage_options(scheme, options)) as f:
-            data: bytes = f.read(options.max_bytes + 1)
-    except RowError:
-        raise
-    except Exception as e:  # every failure becomes a row; classify it
-        raise classify_fetch_error(uri, e) from e
-    if len(data) > options.max_bytes:
-        raise RowError(
-            ErrorCode.TOO_LARGE,
-            f"{redact_uri(uri)} is larger than the {options.max_bytes} byte limit",
-        )
-    return data
+def http_error(uri: str, status: int) -> RowError:
+    where = redact_uri(uri)
+    if status == 404:
+        return RowError(ErrorCode.HTTP_404, f"{where}: HTTP 404")
+    if 500 <= status < 600:
+        return RowError(ErrorCode.HTTP_5XX, f"{where}: HTTP {status}")
+    return RowError(ErrorCode.HTTP_4XX, f"{where}: HTTP {status}")
 
 
 def classify_fetch_error(uri: str, error: BaseException) -> RowError:
     """Turn any exception raised by a fetch into a `RowError` with a stable code."""
+    if isinstance(error, RowError):
+        return error
     where = redact_uri(uri)
     detail = f"{where}: {type(error).__name__}: {error}"
+    name = type(error).__name__.lower()
     status = _http_status(error)
     if status is not None:
-        if status == 404:
-            return RowError(ErrorCode.HTTP_404, f"{where}: HTTP 404")
-        if 500 <= status < 600:
-            return RowError(ErrorCode.HTTP_5XX, f"{where}: HTTP {status}")
-        return RowError(ErrorCode.HTTP_4XX, f"{where}: HTTP {status}")
+        return http_error(uri, status)
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return RowError(ErrorCode.NOT_FOUND, where)
     if isinstance(error, PermissionError):
         return RowError(ErrorCode.PERMISSION_DENIED, where)
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError, socket.timeout)) or (
-        "timeout" in type(error).__name__.lower()
-    ):
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, socket.timeout)) or "timeout" in name:
         return RowError(ErrorCode.TIMEOUT, detail)
+    if "payload" in name or "incompleteread" in name or "contentlength" in name:
+        return RowError(ErrorCode.INCOMPLETE_DOWNLOAD, detail)
+    if "redirect" in name:
+        return RowError(ErrorCode.TOO_MANY_REDIRECTS, detail)
     if isinstance(error, OSError) and error.errno == errno.ENOENT:
         return RowError(ErrorCode.NOT_FOUND, where)
-    if isinstance(error, (ConnectionError, OSError)) or "connect" in type(error).__name__.lower():
+    if isinstance(error, (ConnectionError, OSError)) or "connect" in name:
         return RowError(ErrorCode.CONNECTION, detail)
     return RowError(ErrorCode.FETCH_FAILED, detail)
 
 
 def _http_status(error: BaseException) -> int | None:
-    """The HTTP status carried by an aiohttp, requests or google-api error."""
+    """The HTTP status carried by an aiohttp, gcsfs, requests or google-api error."""
     for attr in ("status", "code", "status_code"):
         value = getattr(error, attr, None)
         if isinstance(value, int) and 100 <= value < 600:
             return value
     return None
+
+
+def is_transient(error: RowError, status: int | None = None) -> bool:
+    if status is not None:
+        return status in TRANSIENT_HTTP
+    return error.code in _TRANSIENT_CODES or error.code is ErrorCode.HTTP_5XX
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse a `Retry-After` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, options: FetchOptions, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After wins when longer."""
+    base = min(options.max_backoff_s, options.backoff_s * (2**attempt))
+    delay = random.uniform(0, base)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, options.max_backoff_s)
+
+
+class _TransientStatus(Exception):
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Fetcher:
+    """Fetches whole objects by URI; thread-safe; one per worker process.
+
+    Example::
+
+        fetcher = Fetcher(FetchOptions(retries=2))
+        data = fetcher.fetch("https://example.org/cat.jpg")  # bytes, or raises RowError
+        fetcher.close()
+    """
+
+    def __init__(self, options: FetchOptions | None = None) -> None:
+        self.options = options or FetchOptions()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session: Any = None
+        self._global: asyncio.Semaphore | None = None
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._sync_slots = threading.BoundedSemaphore(self.options.concurrency)
+        self.attempts: dict[str, int] = defaultdict(int)  # retries per error code, for logs
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="fetch-loop", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), loop).result(timeout=10)
+            self._session = None
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- fetching --------------------------------------------------------------
+
+    def fetch(self, uri: str | None) -> bytes:
+        """The object's bytes (at most `max_bytes`).
+
+        Raises:
+            RowError: `invalid_input` or `fetch_error` codes; never anything else.
+        """
+        uri = check_uri(uri, self.options)
+        if scheme_of(uri) in ("http", "https"):
+            loop = self._ensure_loop()
+            future = asyncio.run_coroutine_threadsafe(self._fetch_http(uri), loop)
+            try:
+                return future.result()
+            except RowError:
+                raise
+            except Exception as e:  # a bug in the async path must still be a row
+                raise classify_fetch_error(uri, e) from e
+        with self._sync_slots:
+            return self._with_retries(uri, lambda: self._fetch_fsspec(uri))
+
+    def _with_retries(self, uri: str, call: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except Exception as e:
+                error = classify_fetch_error(uri, e)
+                status = _http_status(e)
+                if attempt >= self.options.retries or not is_transient(error, status):
+                    raise error from e
+                self.attempts[error.code.value] += 1
+                time.sleep(backoff_delay(attempt, self.options))
+                attempt += 1
+
+    def _fetch_fsspec(self, uri: str) -> bytes:
+        with fsspec.open(uri, "rb") as f:
+            data: bytes = f.read(self.options.max_bytes + 1)
+        if len(data) > self.options.max_bytes:
+            raise RowError(
+                ErrorCode.TOO_LARGE,
+                f"{redact_uri(uri)} is larger than the {self.options.max_bytes} byte limit",
+            )
+        return data
+
+    async def _http_session(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._global = asyncio.Semaphore(self.options.concurrency)
+            connector = aiohttp.TCPConnector(
+                limit=self.options.concurrency, limit_per_host=self.options.per_host
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers={"User-Agent": _USER_AGENT}
+            )
+        return self._session
+
+    async def _fetch_http(self, uri: str) -> bytes:
+        session = await self._http_session()
+        host = urlsplit(uri).netloc.rsplit("@", 1)[-1].lower()
+        if host not in self._hosts:
+            self._hosts[host] = asyncio.Semaphore(self.options.per_host)
+        assert self._global is not None
+        attempt = 0
+        while True:
+            try:
+                async with self._global, self._hosts[host]:
+                    return await self._http_once(session, uri)
+            except _TransientStatus as e:
+                error = http_error(uri, e.status)
+                if attempt >= self.options.retries:
+                    raise error from None
+                self.attempts[error.code.value] += 1
+                await asyncio.sleep(backoff_delay(attempt, self.options, e.retry_after))
+            except RowError:
+                raise
+            except Exception as e:
+                error = classify_fetch_error(uri, e)
+                if attempt >= self.options.retries or not is_transient(error):
+                    raise error from e
+                self.attempts[error.code.value] += 1
+                await asyncio.sleep(backoff_delay(attempt, self.options))
+            attempt += 1
+
+    async def _http_once(self, session: Any, uri: str) -> bytes:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout_s)
+        limit = self.options.max_bytes
+        async with session.get(
+            uri, timeout=timeout, allow_redirects=True, max_redirects=self.options.max_redirects
+        ) as response:
+            if response.status >= 400:
+                if response.status in TRANSIENT_HTTP:
+                    raise _TransientStatus(
+                        response.status, retry_after_seconds(response.headers.get("Retry-After"))
+                    )
+                raise http_error(uri, response.status)
+            if response.content_length is not None and response.content_length > limit:
+                raise RowError(
+                    ErrorCode.TOO_LARGE,
+                    f"{redact_uri(uri)} is {response.content_length} bytes, over the "
+                    f"{limit} byte limit",
+                )
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise RowError(
+                        ErrorCode.TOO_LARGE,
+                        f"{redact_uri(uri)} is larger than the {limit} byte limit",
+                    )
+            return bytes(data)
+
+
+def fetch_bytes(uri: str | None, options: FetchOptions | None = None) -> bytes:
+    """Fetch one object with a short-lived `Fetcher` (for one-off use and tests)."""
+    fetcher = Fetcher(options)
+    try:
+        return fetcher.fetch(uri)
+    finally:
+        fetcher.close()

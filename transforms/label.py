@@ -11,7 +11,9 @@ columns plus `label`, `score`, `labels`, `scores`, `status` and `error`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +21,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
 from transforms.errors import ErrorCode, RowError, Status
-from transforms.fetch import FetchOptions, fetch_bytes
+from transforms.fetch import Fetcher, FetchOptions
 from transforms.image_classification import METRICS_NAMESPACE
 from transforms.preprocess import Preprocessor
 from transforms.rows import ImageRow, Prediction, error_record, ok_record
@@ -39,10 +42,12 @@ class DecodeOptions:
     Attributes:
         max_pixels: decompression-bomb limit.
         draft: decode large JPEGs at reduced scale (see `decode_image`).
+        threads: images decoded and preprocessed at once per worker process.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
+    threads: int = 2
 
 
 def count_error(error: RowError) -> None:
@@ -54,6 +59,11 @@ def count_error(error: RowError) -> None:
 class FetchDecodePreprocess(beam.DoFn):
     """Turns an `ImageRow` into `(row, pixel_values)`, or `(row, RowError)` on the
     `errors` output. Never raises for a bad image.
+
+    Rows are fetched, decoded and preprocessed by a pool of threads, with up to
+    `fetch.concurrency` in flight, so network latency overlaps; decoding is
+    limited to `decode.threads` at a time (Pillow releases the GIL while it
+    decodes). Results are emitted as they complete, in any order.
 
     Example::
 
@@ -71,31 +81,77 @@ class FetchDecodePreprocess(beam.DoFn):
         self._preprocessor = preprocessor
         self._fetch = fetch or FetchOptions()
         self._decode = decode or DecodeOptions()
-        self._draft_side: int | None = None
 
     def setup(self) -> None:
         self._preprocessor.setup()
         self._draft_side = self._preprocessor.draft_side if self._decode.draft else None
+        self._fetcher = Fetcher(self._fetch)
+        self._pool = ThreadPoolExecutor(
+            max_workers=self._fetch.concurrency, thread_name_prefix="fetch"
+        )
+        self._decode_slots = threading.BoundedSemaphore(self._decode.threads)
+        self._pending: list[tuple[Future[np.ndarray], WindowedValue]] = []
 
-    def process(self, row: ImageRow) -> Iterator[Any]:
-        try:
-            if row.error is not None:
-                raise row.error
-            data = fetch_bytes(row.uri or "", self._fetch)
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._fetcher.close()
+
+    def load(self, row: ImageRow) -> np.ndarray:
+        """Fetch, decode and preprocess one row (runs in a pool thread).
+
+        Raises:
+            RowError: for any failure of this row.
+        """
+        if row.error is not None:
+            raise row.error
+        data = self._fetcher.fetch(row.uri)
+        with self._decode_slots:
             image = decode_image(
                 data, draft_side=self._draft_side, max_pixels=self._decode.max_pixels
             )
+            del data
             try:
                 (pixel_values,) = self._preprocessor([image])
             except Exception as e:
                 raise RowError(
                     ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
                 ) from e
-        except RowError as error:
-            count_error(error)
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, (row, error))
-            return
-        yield row, pixel_values
+        return pixel_values
+
+    def _result(self, future: Future[np.ndarray], element: WindowedValue) -> Any:
+        row = element.value
+        try:
+            return element.with_value((row, future.result()))
+        except RowError as e:
+            failure = e
+        except Exception as e:  # a bug must still give a row, not kill the bundle
+            failure = RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
+        count_error(failure)
+        return beam.pvalue.TaggedOutput(ERRORS_TAG, element.with_value((row, failure)))
+
+    def _drain(self, max_in_flight: int) -> Iterator[Any]:
+        """Emit every finished row; then wait while more than `max_in_flight` remain."""
+        while True:
+            done = [item for item in self._pending if item[0].done()]
+            for item in done:
+                self._pending.remove(item)
+                yield self._result(*item)
+            if len(self._pending) <= max_in_flight:
+                return
+            wait([future for future, _ in self._pending], return_when=FIRST_COMPLETED)
+
+    def process(
+        self,
+        row: ImageRow,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterator[Any]:
+        element = WindowedValue(row, timestamp, (window,))
+        self._pending.append((self._pool.submit(self.load, row), element))
+        yield from self._drain(self._fetch.concurrency)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._drain(0)
 
 
 def _to_record(item: tuple[ImageRow, Prediction | RowError]) -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""Tier 4: real fetching against a loopback HTTP server with fault injection."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.http_server import FaultServer, serve
+from transforms.errors import ErrorCode, RowError, Status
+from transforms.fetch import Fetcher, FetchOptions, backoff_delay, retry_after_seconds
+
+
+def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "orange").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def server() -> Iterator[FaultServer]:
+    with serve({"cat.jpg": _jpeg(), "big.jpg": _jpeg((800, 600))}) as srv:
+        yield srv
+
+
+def _fetch(server: FaultServer, path: str, **options: object) -> bytes:
+    opts = FetchOptions(**{"retries": 3, "backoff_s": 0.05, "timeout_s": 5.0, **options})  # type: ignore[arg-type]
+    fetcher = Fetcher(opts)
+    try:
+        return fetcher.fetch(server.url(path))
+    finally:
+        fetcher.close()
+
+
+def _error(server: FaultServer, path: str, **options: object) -> RowError:
+    with pytest.raises(RowError) as info:
+        _fetch(server, path, **options)
+    return info.value
+
+
+def test_ok(server: FaultServer) -> None:
+    assert _fetch(server, "/img/cat.jpg") == server.images["cat.jpg"]
+
+
+def test_404_is_final_and_not_retried(server: FaultServer) -> None:
+    error = _error(server, "/missing")
+    assert (error.status, error.code) == (Status.FETCH_ERROR, ErrorCode.HTTP_404)
+    assert server.hits["/missing"] == 1
+
+
+def test_403_is_not_retried(server: FaultServer) -> None:
+    error = _error(server, "/forbidden")
+    assert error.code is ErrorCode.HTTP_4XX and "403" in str(error)
+    assert server.hits["/forbidden"] == 1
+
+
+def test_500_then_200_ends_ok(server: FaultServer) -> None:
+    assert _fetch(server, "/flaky/a/2/cat.jpg") == server.images["cat.jpg"]
+    assert server.hits["flaky:a"] == 3
+
+
+def test_persistent_500_gives_http_5xx_after_the_retries(server: FaultServer) -> None:
+    error = _error(server, "/flaky/b/99/cat.jpg", retries=2)
+    assert error.code is ErrorCode.HTTP_5XX
+    assert server.hits["flaky:b"] == 3  # one try + two retries
+
+
+def test_429_honours_retry_after(server: FaultServer) -> None:
+    start = time.monotonic()
+    assert _fetch(server, "/limited/c/cat.jpg") == server.images["cat.jpg"]
+    assert time.monotonic() - start >= 0.9  # waited the server's Retry-After: 1
+    assert server.hits["limited:c"] == 2
+
+
+def test_stall_past_the_timeout(server: FaultServer) -> None:
+    error = _error(server, "/stall/3/cat.jpg", timeout_s=0.5, retries=1)
+    assert (error.status, error.code) == (Status.FETCH_ERROR, ErrorCode.TIMEOUT)
+    assert server.hits["/stall/3/cat.jpg"] == 2  # timeouts are retried
+
+
+def test_truncated_body(server: FaultServer) -> None:
+    error = _error(server, "/truncated/big.jpg", retries=1)
+    assert error.code is ErrorCode.INCOMPLETE_DOWNLOAD
+    assert server.hits["/truncated/big.jpg"] == 2
+
+
+def test_redirect_chain_is_followed_with_a_bound(server: FaultServer) -> None:
+    assert _fetch(server, "/redirect/3/cat.jpg") == server.images["cat.jpg"]
+    error = _error(server, "/redirect/12/cat.jpg", max_redirects=5)
+    assert error.code is ErrorCode.TOO_MANY_REDIRECTS
+
+
+def test_wrong_content_type_is_ignored(server: FaultServer) -> None:
+    assert _fetch(server, "/as-html/cat.jpg") == server.images["cat.jpg"]
+
+
+@pytest.mark.parametrize("route", ["/big/5000", "/big-chunked/300000"])
+def test_body_past_the_byte_cap(server: FaultServer, route: str) -> None:
+    error = _error(server, route, max_bytes=4096)
+    assert error.code is ErrorCode.TOO_LARGE
+
+
+def test_connection_refused() -> None:
+    fetcher = Fetcher(FetchOptions(retries=1, backoff_s=0.01, timeout_s=2))
+    with pytest.raises(RowError) as info:
+        fetcher.fetch("http://127.0.0.1:9/nothing-listens-here.jpg")
+    fetcher.close()
+    assert info.value.code is ErrorCode.CONNECTION
+
+
+def test_query_strings_are_redacted(server: FaultServer) -> None:
+    error = _error(server, "/missing?X-Goog-Signature=SECRET123")
+    assert "SECRET123" not in str(error)
+
+
+def test_retry_after_parsing_and_backoff() -> None:
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert retry_after_seconds("soon") is None
+    options = FetchOptions(backoff_s=1.0, max_backoff_s=4.0)
+    assert all(0 <= backoff_delay(a, options) <= 4.0 for a in range(10))
+    assert backoff_delay(0, options, retry_after=3.0) >= 3.0
+    assert backoff_delay(0, options, retry_after=100.0) == 4.0
+
+
+def test_per_host_cap_bounds_concurrency(server: FaultServer) -> None:
+    """With per_host=2, ten 0.3 s downloads from one host take about 5 rounds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fetcher = Fetcher(FetchOptions(per_host=2, concurrency=10))
+    start = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        results = list(
+            pool.map(fetcher.fetch, [server.url(f"/stall/0.3/cat.jpg?{i}") for i in range(10)])
+        )
+    elapsed = time.monotonic() - start
+    fetcher.close()
+    assert all(r == server.images["cat.jpg"] for r in results)
+    assert elapsed >= 1.4  # 5 rounds of 0.3 s, not 1
+
+
+def test_local_files_and_missing(tmp_path: Path) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"abc")
+    fetcher = Fetcher()
+    assert fetcher.fetch(str(path)) == b"abc"
+    assert fetcher.fetch(f"file://{path}") == b"abc"
+    with pytest.raises(RowError) as info:
+        fetcher.fetch(str(tmp_path / "nope"))
+    assert info.value.code is ErrorCode.NOT_FOUND
+    fetcher.close()
