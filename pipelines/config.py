@@ -232,7 +232,7 @@ class JobConfig:
     max_error_rate: float | None = None
     fetch_timeout: float = 30.0
     fetch_concurrency: int = 64
-    fetch_per_host: int = 16
+    fetch_per_host: int = 32
     fetch_retries: int = 3
     decode_threads: int = 2
     jpeg_draft: bool = True

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class FaultServer(ThreadingHTTPServer):
@@ -55,6 +56,9 @@ class FaultServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: FaultServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle and
+    # delayed ACKs add ~40 ms to every keep-alive response.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         return
@@ -171,3 +175,29 @@ def serve(images: dict[str, bytes], latency_s: float = 0.0) -> Iterator[FaultSer
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _serve_forever(images: dict[str, bytes], latency_s: float, port_queue: Any) -> None:
+    server = FaultServer(images, latency_s)
+    port_queue.put(server.server_address[1])
+    server.serve_forever()
+
+
+@contextmanager
+def serve_in_subprocess(images: dict[str, bytes], latency_s: float = 0.0) -> Iterator[str]:
+    """Run a `FaultServer` in its own process (so it does not share our GIL).
+
+    Yields the base URL.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_serve_forever, args=(images, latency_s, queue), daemon=True)
+    process.start()
+    try:
+        port = queue.get(timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.join(timeout=10)

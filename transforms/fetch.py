@@ -65,7 +65,7 @@ class FetchOptions:
     max_bytes: int = 50 << 20
     retries: int = 3
     concurrency: int = 64
-    per_host: int = 16
+    per_host: int = 32
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_redirects: int = 10
