@@ -136,6 +136,18 @@ OPTIONS: tuple[Option, ...] = (
         "NAME",
     ),
     Option(
+        "image_column",
+        str,
+        "Parquet column holding the images (binary, or a {bytes, path} struct)",
+        "NAME",
+    ),
+    Option(
+        "keep_image_column",
+        _bool,
+        "copy the image bytes to the output too",
+        is_switch=True,
+    ),
+    Option(
         "candidate_labels",
         _label_list,
         "zero-shot labels, comma-separated (CSV quoting for commas inside a label)",
@@ -215,6 +227,8 @@ class JobConfig:
     revision: str | None = None
     input_format: str = "auto"
     uri_column: str | None = None
+    image_column: str | None = None
+    keep_image_column: bool = False
     candidate_labels: tuple[str, ...] | None = None
     candidate_labels_file: str | None = None
     hypothesis_template: tuple[str, ...] = ("This is a photo of {}.",)

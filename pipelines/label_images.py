@@ -25,7 +25,6 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from pipelines.config import ZERO_SHOT, ConfigError, JobConfig, load_config
@@ -40,11 +39,10 @@ from pipelines.output import (
 from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
 from pipelines.runner import is_local, make_runner
 from transforms import __version__
-from transforms.batching import batch_settings
+from transforms.api import LabelImages, LabelingSpec
 from transforms.default_model import DEFAULT_MODEL_NAME
 from transforms.fetch import FetchOptions
-from transforms.image_classification import ImageClassificationModelHandler
-from transforms.label import DecodeOptions, LabelImages, LabelingOptions
+from transforms.label import DecodeOptions
 from transforms.models import (
     ModelLoadError,
     ModelSpec,
@@ -53,10 +51,9 @@ from transforms.models import (
     resolve_model,
 )
 from transforms.postprocess import resolve_function
-from transforms.preprocess import ImagePreprocessor
 from transforms.rows import output_schema
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
-from transforms.zero_shot import LabelSet, LabelSetError, ZeroShotModelHandler, is_sigmoid_family
+from transforms.zero_shot import LabelSet, LabelSetError, is_sigmoid_family
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +69,8 @@ class Job:
 
     config: JobConfig
     plan: InputPlan
-    spec: ModelSpec
     schema: pa.Schema
-    handler: ModelHandler[Any, Any, Any]
-    preprocessor: ImagePreprocessor
-    labeling: LabelingOptions
+    labeling: LabelingSpec
 
 
 def _load_model_config(spec: ModelSpec) -> Any:
@@ -153,48 +147,24 @@ def _check_zero_shot(config: JobConfig, spec: ModelSpec) -> tuple[LabelSet, dict
     }
 
 
-def build_job(config: JobConfig) -> Job:
-    """Validate everything that can be checked before running, and plan the job.
-
-    Raises:
-        ConfigError, InputError, ModelLoadError, ValueError: with a clear message.
-    """
-    plan = plan_input(config.input, uri_column=config.uri_column, input_format=config.input_format)
-    spec = ModelSpec(config.model, config.revision, config.allow_pickle_weights)
-    batching = batch_settings(
+def labeling_spec(config: JobConfig, labels: tuple[str, ...] | None) -> LabelingSpec:
+    """The `LabelingSpec` of a job config (labels already read for zero-shot)."""
+    return LabelingSpec(
+        model=config.model,
+        revision=config.revision,
+        task=config.task,
+        candidate_labels=labels,
+        hypothesis_template=tuple(config.hypothesis_template),
+        top_k=config.top_k,
+        function_to_apply=config.function_to_apply,
+        device=config.device,
+        precision=config.precision,
         batch_size=config.batch_size,
-        on_gpu=config.device == "cuda",
         min_batch_size=config.min_batch_size,
         max_batch_duration_secs=config.max_batch_duration_secs,
-    )
-    common: dict[str, Any] = {
-        "top_k": config.top_k,
-        "device": config.device,
-        "precision": config.precision,
-        "batching": batching,
-        "model_copies": config.model_copies,
-        "share_model_across_processes": config.share_model_across_processes,
-    }
-    handler: ModelHandler[Any, Any, Any]
-    if config.task == ZERO_SHOT:
-        label_set, described = _check_zero_shot(config, spec)
-        handler = ZeroShotModelHandler(spec, label_set, **common)
-    else:
-        described = _check_classifier(config, spec)
-        handler = ImageClassificationModelHandler(
-            spec, function_to_apply=config.function_to_apply, **common
-        )
-    model_name = f"default ({DEFAULT_MODEL_NAME})" if spec.is_default else config.model
-    metadata = {
-        "image_labeler.version": __version__,
-        "image_labeler.task": config.task,
-        "image_labeler.model": model_name,
-        "image_labeler.revision": config.revision or "",
-        "image_labeler.top_k": str(config.top_k),
-        **described,
-    }
-    schema = output_schema(plan.schema, metadata)
-    labeling = LabelingOptions(
+        model_copies=config.model_copies,
+        share_model_across_processes=config.share_model_across_processes,
+        allow_pickle_weights=config.allow_pickle_weights,
         fetch=FetchOptions(
             allowed_schemes=config.allowed_schemes,
             timeout_s=config.fetch_timeout,
@@ -209,7 +179,40 @@ def build_job(config: JobConfig) -> Job:
             threads=config.decode_threads,
         ),
     )
-    return Job(config, plan, spec, schema, handler, ImagePreprocessor(spec), labeling)
+
+
+def build_job(config: JobConfig) -> Job:
+    """Validate everything that can be checked before running, and plan the job.
+
+    Raises:
+        ConfigError, InputError, ModelLoadError, ValueError: with a clear message.
+    """
+    plan = plan_input(
+        config.input,
+        uri_column=config.uri_column,
+        image_column=config.image_column,
+        keep_image_column=config.keep_image_column,
+        input_format=config.input_format,
+    )
+    spec = ModelSpec(config.model, config.revision, config.allow_pickle_weights)
+    labels: tuple[str, ...] | None = None
+    if config.task == ZERO_SHOT:
+        label_set, described = _check_zero_shot(config, spec)
+        labels = label_set.labels
+    else:
+        described = _check_classifier(config, spec)
+    labeling = labeling_spec(config, labels)
+    model_name = f"default ({DEFAULT_MODEL_NAME})" if spec.is_default else config.model
+    metadata = {
+        "image_labeler.version": __version__,
+        "image_labeler.task": config.task,
+        "image_labeler.model": model_name,
+        "image_labeler.revision": config.revision or "",
+        "image_labeler.top_k": str(config.top_k),
+        **described,
+    }
+    schema = output_schema(plan.passthrough_schema, metadata)
+    return Job(config, plan, schema, labeling)
 
 
 def add_to_pipeline(
@@ -217,7 +220,7 @@ def add_to_pipeline(
 ) -> beam.PCollection:
     """Add the labeling graph to `pipeline`. Returns the PCollection of output records."""
     rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
-    records = rows | "LabelImages" >> LabelImages(job.handler, job.preprocessor, job.labeling)
+    records = rows | "LabelImages" >> LabelImages.from_spec(job.labeling)
     written = records | "WriteParquet" >> beam.io.WriteToParquet(
         shard_prefix(job.config.output),
         schema=job.schema,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from transforms.errors import ErrorCode, RowError
 from transforms.inference import isolate_failures
-from transforms.label import LabelImages
+from transforms.label import LabelImageRows
 from transforms.rows import ImageRow, Prediction
 
 
@@ -91,7 +91,7 @@ def test_every_row_comes_out_once_with_its_status(images: dict[str, str], tmp_pa
         "ftp://example.org/x.png",
     ]
     with BeamTestPipeline() as p:
-        records = p | beam.Create(_rows(uris)) | LabelImages(FakeHandler(), FakePreprocessor())
+        records = p | beam.Create(_rows(uris)) | LabelImageRows(FakeHandler(), FakePreprocessor())
         assert_that(
             records
             | beam.Map(
@@ -133,7 +133,7 @@ def test_a_failing_batch_is_retried_image_by_image(images: dict[str, str]) -> No
         records = (
             p
             | beam.Create(_rows(uris))
-            | LabelImages(
+            | LabelImageRows(
                 Localizing(),
                 FakePreprocessor(),
             )
@@ -151,7 +151,7 @@ def test_batches_that_escape_the_handler_become_error_rows(images: dict[str, str
         records = (
             p
             | beam.Create(_rows(uris))
-            | LabelImages(
+            | LabelImageRows(
                 FakeHandler(),
                 FakePreprocessor(),
             )
@@ -173,7 +173,7 @@ def test_rows_invalid_at_read_time_skip_fetch() -> None:
         records = (
             p
             | beam.Create([row])
-            | LabelImages(
+            | LabelImageRows(
                 FakeHandler(),
                 FakePreprocessor(),
             )

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.conftest import real_photo
 from transforms.batching import batch_settings
-from transforms.label import LabelImages
+from transforms.label import LabelImageRows
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import ImageRow, Prediction
@@ -165,7 +165,7 @@ def test_text_tower_runs_once_per_load_not_per_batch(
         batching=batch_settings(batch_size=2, on_gpu=False),
     )
     with BeamTestPipeline() as p:
-        records = p | beam.Create(rows) | LabelImages(handler, ImagePreprocessor(spec))
+        records = p | beam.Create(rows) | LabelImageRows(handler, ImagePreprocessor(spec))
         assert_that(
             records | beam.Map(lambda r: (r["status"], len(r["labels"]))),
             equal_to([("ok", 2)] * 8),
@@ -314,3 +314,14 @@ def test_cli_zero_shot_refuses_a_model_without_towers(
     ]
     assert run(args, save_main_session=False) == EXIT_BAD_CONFIG
     assert "has no image/text towers" in capsys.readouterr().err
+
+
+def test_chunked_length_sorted_bank_equals_one_pass(tiny_clip: Path) -> None:
+    """Sorting prompts by length and encoding in small chunks changes nothing."""
+    import torch
+
+    labels = ("a", "very long label with many words in it", "dog", "red car", "x y z w")
+    spec = ModelSpec(str(tiny_clip))
+    one_pass = ZeroShotModelHandler(spec, LabelSet(labels), text_batch_size=100).load_model()
+    chunked = ZeroShotModelHandler(spec, LabelSet(labels), text_batch_size=2).load_model()
+    assert torch.allclose(one_pass.text_bank, chunked.text_bank, atol=1e-5)

@@ -29,6 +29,7 @@ class ErrorCode(str, Enum):
     EMPTY_URI = "empty_uri"
     UNSUPPORTED_SCHEME = "unsupported_scheme"
     MALFORMED_ROW = "malformed_row"
+    UNSUPPORTED_ELEMENT = "unsupported_element"
     # fetch_error
     NOT_FOUND = "not_found"
     PERMISSION_DENIED = "permission_denied"
@@ -56,6 +57,7 @@ _STATUS_OF_CODE: dict[ErrorCode, Status] = {
     ErrorCode.EMPTY_URI: Status.INVALID_INPUT,
     ErrorCode.UNSUPPORTED_SCHEME: Status.INVALID_INPUT,
     ErrorCode.MALFORMED_ROW: Status.INVALID_INPUT,
+    ErrorCode.UNSUPPORTED_ELEMENT: Status.INVALID_INPUT,
     ErrorCode.EMPTY_FILE: Status.DECODE_ERROR,
     ErrorCode.NOT_AN_IMAGE: Status.DECODE_ERROR,
     ErrorCode.TRUNCATED: Status.DECODE_ERROR,

@@ -1,4 +1,4 @@
-"""`LabelImages`: fetch, decode, preprocess, batch, infer and shape output rows.
+"""`LabelImageRows`: fetch, decode, preprocess, batch, infer and shape output rows.
 
     ImageRow ─► FetchDecodePreprocess ─► RunInference(KeyedModelHandler) ─► record
                       │ errors                    │ failed batches
@@ -10,6 +10,7 @@ columns plus `label`, `score`, `labels`, `scores`, `status` and `error`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
+from PIL import Image, ImageOps
 
 from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
 from transforms.errors import ErrorCode, RowError, Status
@@ -48,6 +50,42 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
     threads: int = 2
+
+
+def load_pixel_values(
+    row: ImageRow,
+    *,
+    fetcher: Fetcher,
+    preprocessor: Preprocessor,
+    decode: DecodeOptions,
+    draft_side: int | None,
+    slots: threading.BoundedSemaphore | None = None,
+) -> np.ndarray:
+    """One row's `pixel_values`: its inline image, or the bytes at its URI.
+
+    Raises:
+        RowError: for any failure of this row.
+    """
+    if row.error is not None:
+        raise row.error
+    image: Image.Image
+    if isinstance(row.image, Image.Image):
+        # As transformers' load_image does for PIL inputs.
+        image = (ImageOps.exif_transpose(row.image) or row.image).convert("RGB")
+        data = None
+    else:
+        data = row.image if row.image is not None else fetcher.fetch(row.uri)
+    with slots or contextlib.nullcontext():
+        if data is not None:
+            image = decode_image(data, draft_side=draft_side, max_pixels=decode.max_pixels)
+            del data
+        try:
+            (pixel_values,) = preprocessor([image])
+        except Exception as e:
+            raise RowError(
+                ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
+            ) from e
+    return pixel_values
 
 
 def count_error(error: RowError) -> None:
@@ -97,26 +135,21 @@ class FetchDecodePreprocess(beam.DoFn):
         self._fetcher.close()
 
     def load(self, row: ImageRow) -> np.ndarray:
-        """Fetch, decode and preprocess one row (runs in a pool thread).
+        """Fetch (unless the row carries its image), decode and preprocess one row.
+
+        Runs in a pool thread.
 
         Raises:
             RowError: for any failure of this row.
         """
-        if row.error is not None:
-            raise row.error
-        data = self._fetcher.fetch(row.uri)
-        with self._decode_slots:
-            image = decode_image(
-                data, draft_side=self._draft_side, max_pixels=self._decode.max_pixels
-            )
-            del data
-            try:
-                (pixel_values,) = self._preprocessor([image])
-            except Exception as e:
-                raise RowError(
-                    ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
-                ) from e
-        return pixel_values
+        return load_pixel_values(
+            row,
+            fetcher=self._fetcher,
+            preprocessor=self._preprocessor,
+            decode=self._decode,
+            draft_side=self._draft_side,
+            slots=self._decode_slots,
+        )
 
     def _result(self, future: Future[np.ndarray], element: WindowedValue) -> Any:
         row = element.value
@@ -183,13 +216,16 @@ class LabelingOptions:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
-class LabelImages(beam.PTransform):
+class LabelImageRows(beam.PTransform):
     """Labels a PCollection of `ImageRow` into output records, one per row.
+
+    The core of `transforms.LabelImages` (which also accepts URIs, bytes, PIL
+    images and dicts); use that one unless you build `ImageRow`s yourself.
 
     Example::
 
         handler = ImageClassificationModelHandler(ModelSpec("default"), top_k=5)
-        records = rows | LabelImages(handler, ImagePreprocessor(ModelSpec("default")))
+        records = rows | LabelImageRows(handler, ImagePreprocessor(ModelSpec("default")))
 
     Args:
         handler: the model handler (image or zero-shot classification).

@@ -34,12 +34,16 @@ class ImageRow:
         values: the passthrough columns, exactly as read.
         error: set when the row was already invalid when read (e.g. a malformed
             manifest line); such a row skips fetch and inference.
+        image: the image itself, when the row carries it: encoded bytes (Parquet
+            with embedded images) or a PIL image (the Python API). Then `uri`
+            is not fetched.
     """
 
     index: str
     uri: str | None
     values: Mapping[str, Any] = field(default_factory=dict)
     error: RowError | None = None
+    image: Any = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ _INFER_BYTES = 4 << 20
 # Parquet is read in record batches of this many rows, so a huge row group
 # never sits in memory whole.
 PARQUET_READ_BATCH_ROWS = 1024
+PARQUET_READ_BATCH_BYTES = 32 << 20
 
 
 class InputError(ValueError):
@@ -66,9 +67,18 @@ class InputPlan:
 
     files: tuple[str, ...]
     format: str
-    uri_column: str
-    schema: pa.Schema  # passthrough columns, in input order
+    uri_column: str | None
+    schema: pa.Schema  # columns read, in input order
     delimiter: str = ","
+    image_column: str | None = None  # Parquet with the images inside
+    keep_image_column: bool = False
+
+    @property
+    def passthrough_schema(self) -> pa.Schema:
+        """The input columns copied to the output (image bytes only when asked)."""
+        if self.image_column and not self.keep_image_column:
+            return self.schema.remove(self.schema.get_field_index(self.image_column))
+        return self.schema
 
 
 def _strip_compression(path: str) -> str:
@@ -201,14 +211,68 @@ def choose_uri_column(schema: pa.Schema, requested: str | None, source: str) -> 
     return chosen
 
 
+def is_image_type(type_: pa.DataType) -> bool:
+    """A binary column, or a struct with a binary `bytes` field (HF datasets' Image)."""
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
+        return True
+    if pa.types.is_struct(type_):
+        index = type_.get_field_index("bytes")
+        if index >= 0:
+            inner = type_.field(index).type
+            return bool(pa.types.is_binary(inner) or pa.types.is_large_binary(inner))
+    return False
+
+
+_IMAGE_NAMES = ("image", "img", "image_bytes", "jpg", "png", "bytes")
+
+
+def choose_image_column(schema: pa.Schema, requested: str | None, source: str) -> str | None:
+    """The embedded-image column: the requested one, else an auto-detected one."""
+    if requested:
+        if requested not in schema.names:
+            raise InputError(
+                f"--image-column {requested!r} is not a column of {source}; "
+                f"its columns are {schema.names}"
+            )
+        if not is_image_type(schema.field(requested).type):
+            raise InputError(
+                f"--image-column {requested!r} of {source} has type "
+                f"{schema.field(requested).type}; expected binary or a struct with a "
+                "'bytes' field"
+            )
+        return requested
+    candidates = [f.name for f in schema if is_image_type(f.type)]
+    if not candidates:
+        return None
+    named = [c for c in candidates if c.lower() in _IMAGE_NAMES]
+    chosen = (named or candidates)[0]
+    logger.info(
+        "Using column %r of %s as the embedded image column (%s)",
+        chosen,
+        source,
+        schema.field(chosen).type,
+    )
+    return chosen
+
+
 def plan_input(
-    pattern: str, *, uri_column: str | None = None, input_format: str = "auto"
+    pattern: str,
+    *,
+    uri_column: str | None = None,
+    image_column: str | None = None,
+    keep_image_column: bool = False,
+    input_format: str = "auto",
 ) -> InputPlan:
-    """Match the input and fix its format, URI column and passthrough schema.
+    """Match the input and fix its format, image source and passthrough schema.
 
     Args:
         pattern: a file, glob or directory; local or any fsspec URI.
         uri_column: the column holding image URIs; auto-detected when None.
+        image_column: the Parquet column holding the images themselves (binary,
+            or a struct with `bytes` and `path` as Hugging Face `datasets`
+            writes it). When neither column is given, an embedded image column
+            is looked for first, then a URI column.
+        keep_image_column: copy the image bytes to the output too.
         input_format: one of `FORMATS`, or "auto" to go by the file extension.
 
     Raises:
@@ -223,6 +287,15 @@ def plan_input(
         raise InputError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
     delimiter = "\t" if _strip_compression(files[0]).lower().endswith(".tsv") else ","
     schema = _infer_schema(files[0], fmt, delimiter)
+    if image_column and fmt != "parquet":
+        raise InputError("--image-column needs Parquet input")
+    if fmt == "parquet" and (image_column or not uri_column):
+        chosen_image = choose_image_column(schema, image_column, files[0])
+        if chosen_image:
+            chosen_uri = choose_uri_column(schema, uri_column, files[0]) if uri_column else None
+            return InputPlan(
+                tuple(files), fmt, chosen_uri, schema, delimiter, chosen_image, keep_image_column
+            )
     if fmt == "text":
         if uri_column not in (None, TEXT_URI_COLUMN):
             raise InputError(
@@ -286,10 +359,29 @@ class _ReadRows(beam.DoFn):
             "jsonl": self._jsonl,
             "parquet": self._parquet,
         }[self._plan.format]
+        image_column = self._plan.image_column
         for row_no, values, error in reader(path, row_group):
-            raw = _to_text(values.get(self._plan.uri_column))
+            image = None
+            raw = _to_text(values.get(self._plan.uri_column)) if self._plan.uri_column else None
+            if image_column:
+                cell = (
+                    values[image_column]
+                    if self._plan.keep_image_column
+                    else values.pop(image_column)
+                )
+                if isinstance(cell, dict):  # {bytes, path}: fetch the path when bytes is null
+                    image = cell.get("bytes")
+                    raw = raw or _to_text(cell.get("path"))
+                else:
+                    image = cell
+                if image is None and not raw and error is None:
+                    error = RowError(
+                        ErrorCode.EMPTY_URI, f"column {image_column!r} has no bytes and no path"
+                    )
             uri = resolve_uri(raw, base) if raw else raw
-            yield ImageRow(index=f"{file_no}:{row_no}", uri=uri, values=values, error=error)
+            yield ImageRow(
+                index=f"{file_no}:{row_no}", uri=uri, values=values, error=error, image=image
+            )
 
     def _text(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
         with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
@@ -363,7 +455,9 @@ class _ReadRows(beam.DoFn):
             if missing:
                 raise InputError(f"{path} lacks column(s) {missing} found in the first file")
             for batch in pf.iter_batches(
-                batch_size=PARQUET_READ_BATCH_ROWS, row_groups=[row_group], columns=schema.names
+                batch_size=parquet_batch_rows(pf.metadata.row_group(row_group)),
+                row_groups=[row_group],
+                columns=schema.names,
             ):
                 table = pa.Table.from_batches([batch]).select(schema.names)
                 if table.schema != schema:
@@ -371,6 +465,13 @@ class _ReadRows(beam.DoFn):
                 for values in table.to_pylist():
                     yield offset, values, None
                     offset += 1
+
+
+def parquet_batch_rows(row_group: Any, target_bytes: int = PARQUET_READ_BATCH_BYTES) -> int:
+    """Rows per read batch so one batch holds about `target_bytes` (images inside)."""
+    rows = max(int(row_group.num_rows), 1)
+    per_row = max(int(row_group.total_byte_size) // rows, 1)
+    return max(1, min(PARQUET_READ_BATCH_ROWS, target_bytes // per_row))
 
 
 # pyarrow's default CSV null spellings, which its type inference also used.
@@ -422,17 +523,21 @@ class ReadImageRows(beam.PTransform):
         self._plan = plan
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
+        rows = (
             pbegin
             | "ListFiles" >> beam.Create(list(enumerate(self._plan.files)))
             | "SplitUnits" >> beam.ParDo(_SplitUnits(self._plan))
             # Spread row groups over workers before reading them.
             | "SpreadUnits" >> beam.Reshuffle()
             | "ReadRows" >> beam.ParDo(_ReadRows(self._plan))
-            # A manifest file is read by one worker; spread its rows so fetching
-            # and inference run everywhere (Dataflow fuses steps otherwise).
-            | "SpreadRows" >> beam.Reshuffle()
         )
+        if self._plan.image_column:
+            # Rows carry image bytes: shuffling them would copy every image and,
+            # on a local runner, hold them all in memory. Row groups are spread.
+            return rows
+        # A manifest file is read by one worker; spread its rows so fetching and
+        # inference run everywhere (Dataflow fuses steps otherwise).
+        return rows | "SpreadRows" >> beam.Reshuffle()
 
 
 def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:

@@ -130,22 +130,36 @@ class LoadedZeroShot:
 def encode_label_bank(
     model: Any, tokenizer: Any, label_set: LabelSet, device: str, text_batch_size: int
 ) -> Any:
-    """Encode labels x templates once: the (num_labels, dim) normalized text bank."""
+    """Encode labels x templates once: the (num_labels, dim) normalized text bank.
+
+    Prompts are encoded in chunks of `text_batch_size`, so memory stays bounded
+    for 10,000+ labels. Where padding is to the longest prompt of a chunk (CLIP),
+    prompts are sorted by token length first, so chunks carry little padding;
+    each prompt's attention mask makes its embedding independent of the chunk.
+    """
     import torch
 
     kwargs = tokenizer_kwargs(model.config.model_type)
+    pad_to_longest = kwargs.get("padding") is True
     bank = None
     for template in label_set.templates:
         prompts = label_set.prompts(template)
-        chunks = []
-        for start in range(0, len(prompts), text_batch_size):
-            tokens = tokenizer(
-                prompts[start : start + text_batch_size], return_tensors="pt", **kwargs
-            ).to(device)
+        order = list(range(len(prompts)))
+        if pad_to_longest and len(prompts) > text_batch_size:
+            lengths = [len(ids) for ids in tokenizer(prompts, truncation=True)["input_ids"]]
+            order.sort(key=lengths.__getitem__)
+        per_template = None
+        for start in range(0, len(order), text_batch_size):
+            index = order[start : start + text_batch_size]
+            tokens = tokenizer([prompts[i] for i in index], return_tensors="pt", **kwargs).to(
+                device
+            )
             with torch.inference_mode():
                 embeds = _features(model.get_text_features(**tokens)).float()
-            chunks.append(embeds / embeds.norm(p=2, dim=-1, keepdim=True))
-        per_template = torch.cat(chunks)
+            embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+            if per_template is None:
+                per_template = embeds.new_empty((len(prompts), embeds.shape[-1]))
+            per_template[torch.tensor(index, device=embeds.device)] = embeds
         bank = per_template if bank is None else bank + per_template
     assert bank is not None
     if len(label_set.templates) > 1:

@@ -1,0 +1,412 @@
+"""The public API: `LabelImages` for Beam pipelines, `classify` for one-off use.
+
+Both are thin layers over the same spec, handlers, fetch/decode/preprocess and
+postprocess code the `label-images` job runs, so a notebook gets exactly the
+scores the pipeline writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+from PIL import Image
+
+from transforms.batching import batch_settings
+from transforms.errors import ErrorCode, RowError
+from transforms.fetch import Fetcher, FetchOptions
+from transforms.image_classification import DEVICES, PRECISIONS, ImageClassificationModelHandler
+from transforms.label import DecodeOptions, LabelImageRows, LabelingOptions, load_pixel_values
+from transforms.models import ModelSpec
+from transforms.postprocess import ClassificationFunction
+from transforms.preprocess import ImagePreprocessor
+from transforms.rows import ImageRow, Prediction
+from transforms.zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, LabelSet, ZeroShotModelHandler
+
+IMAGE_CLASSIFICATION = "image-classification"
+ZERO_SHOT = "zero-shot-image-classification"
+TASKS = (IMAGE_CLASSIFICATION, ZERO_SHOT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelingSpec:
+    """Everything that decides the labels of an image; validated on construction.
+
+    Raises:
+        ValueError: naming the bad option (`LabelSetError` for bad labels).
+    """
+
+    model: str = "default"
+    revision: str | None = None
+    task: str = IMAGE_CLASSIFICATION
+    candidate_labels: tuple[str, ...] | None = None
+    hypothesis_template: tuple[str, ...] = (DEFAULT_HYPOTHESIS_TEMPLATE,)
+    top_k: int = 5
+    function_to_apply: str = "default"
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int | None = None
+    min_batch_size: int | None = None
+    max_batch_duration_secs: float | None = None
+    model_copies: int | None = None
+    share_model_across_processes: bool = False
+    allow_pickle_weights: bool = False
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        ClassificationFunction(self.function_to_apply)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if self.task == ZERO_SHOT:
+            self.label_set  # noqa: B018 - validates labels and templates
+            if self.function_to_apply != "default":
+                raise ValueError("function_to_apply does not apply to zero-shot classification")
+        elif self.candidate_labels is not None:
+            raise ValueError("candidate_labels apply only to zero-shot-image-classification")
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.revision, self.allow_pickle_weights)
+
+    @property
+    def label_set(self) -> LabelSet:
+        return LabelSet(tuple(self.candidate_labels or ()), tuple(self.hypothesis_template))
+
+    def make_handler(self) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:
+        """The RunInference handler for this spec."""
+        common: dict[str, Any] = {
+            "top_k": self.top_k,
+            "device": self.device,
+            "precision": self.precision,
+            "batching": batch_settings(
+                batch_size=self.batch_size,
+                on_gpu=self.device == "cuda",
+                min_batch_size=self.min_batch_size,
+                max_batch_duration_secs=self.max_batch_duration_secs,
+            ),
+            "model_copies": self.model_copies,
+            "share_model_across_processes": self.share_model_across_processes,
+        }
+        if self.task == ZERO_SHOT:
+            return ZeroShotModelHandler(self.model_spec, self.label_set, **common)
+        return ImageClassificationModelHandler(
+            self.model_spec, function_to_apply=self.function_to_apply, **common
+        )
+
+
+def _as_mapping(element: Any) -> dict[str, Any] | None:
+    if isinstance(element, Mapping):
+        return dict(element)
+    if isinstance(element, beam.Row) or hasattr(element, "_asdict"):
+        return dict(element._asdict())
+    return None
+
+
+def to_image_row(
+    element: Any, *, image_field: str, uri_field: str, keep_image_field: bool = False
+) -> ImageRow:
+    """Any supported element as an `ImageRow`; unsupported ones carry an error."""
+    if isinstance(element, ImageRow):
+        return element
+    if isinstance(element, str):
+        return ImageRow(index="", uri=element, values={uri_field: element})
+    if isinstance(element, (bytes, bytearray, memoryview)):
+        return ImageRow(index="", uri=None, image=bytes(element))
+    if isinstance(element, Image.Image):
+        return ImageRow(index="", uri=None, image=element)
+    values = _as_mapping(element)
+    if values is None:
+        error = RowError(
+            ErrorCode.UNSUPPORTED_ELEMENT,
+            f"cannot label a {type(element).__name__}; expected a URI string, bytes, a PIL "
+            f"image, or a dict/Row with a {image_field!r} or {uri_field!r} field",
+        )
+        return ImageRow(index="", uri=None, error=error)
+    image = values.get(image_field)
+    uri = values.get(uri_field)
+    if isinstance(image, Mapping):  # Hugging Face datasets' Image: {bytes, path}
+        uri = uri or image.get("path")
+        image = image.get("bytes")
+    if image is not None and not isinstance(image, (bytes, bytearray, Image.Image)):
+        error = RowError(
+            ErrorCode.UNSUPPORTED_ELEMENT,
+            f"field {image_field!r} holds a {type(image).__name__}, not bytes or a PIL image",
+        )
+        return ImageRow(index="", uri=None, values=values, error=error)
+    if image is not None and not keep_image_field:
+        values.pop(image_field, None)
+    return ImageRow(
+        index="",
+        uri=str(uri) if uri is not None else None,
+        values=values,
+        image=bytes(image) if isinstance(image, bytearray) else image,
+    )
+
+
+class _ToImageRows(beam.DoFn):
+    def __init__(self, image_field: str, uri_field: str, keep_image_field: bool) -> None:
+        self._kwargs = {
+            "image_field": image_field,
+            "uri_field": uri_field,
+            "keep_image_field": keep_image_field,
+        }
+
+    def process(self, element: Any) -> Any:
+        if isinstance(element, tuple) and len(element) == 2 and not isinstance(element, beam.Row):
+            key, value = element
+            row = to_image_row(value, **self._kwargs)  # type: ignore[arg-type]
+            yield dataclasses.replace(row, values={**row.values, _KEY: key})
+        else:
+            yield to_image_row(element, **self._kwargs)  # type: ignore[arg-type]
+
+
+_KEY = "__label_images_key__"
+
+
+def _restore_key(record: dict[str, Any]) -> Any:
+    if _KEY in record:
+        key = record.pop(_KEY)
+        return key, record
+    return record
+
+
+class LabelImages(beam.PTransform):
+    """Label images inside your own Beam pipeline.
+
+    Elements may be URI strings, encoded image `bytes`, `PIL.Image.Image`s,
+    dicts or `beam.Row`s with an image field (bytes, PIL, or a Hugging Face
+    `{"bytes", "path"}` struct) or a URI field, or `(key, element)` pairs. The
+    output has one dict per element: its fields (the image bytes dropped unless
+    `keep_image_field`) plus `label`, `score`, `labels`, `scores`, `status`
+    and `error`, with the same semantics as the `label-images` job, which is
+    built from this transform. `(key, element)` pairs come out as
+    `(key, record)`; for bare bytes or PIL images there is nothing to join on,
+    so pass keys or dicts when you need to match results to inputs.
+
+    Example::
+
+        with beam.Pipeline() as p:
+            labeled = (
+                p
+                | beam.Create([{"id": 1, "uri": "gs://bucket/cat.jpg"}])
+                | LabelImages(model="default", top_k=3)
+            )
+
+    Every option is keyword-only and checked here, when the pipeline is built;
+    an unknown option is a TypeError that names it.
+
+    Args:
+        model: "default", a model directory, a gs:// directory or a hub id.
+        task: "image-classification" or "zero-shot-image-classification".
+        candidate_labels: zero-shot labels.
+        hypothesis_template: zero-shot prompt(s), each with "{}".
+        top_k: labels kept per image; 0 keeps all.
+        function_to_apply: "default", "softmax", "sigmoid" or "none".
+        image_field, uri_field: field names for dict/Row elements.
+        keep_image_field: keep image bytes in the output dicts.
+        revision, device, precision, batch_size, fetch, decode, ...: as the CLI.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str = "default",
+        task: str = IMAGE_CLASSIFICATION,
+        candidate_labels: Sequence[str] | None = None,
+        hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+        top_k: int = 5,
+        function_to_apply: str = "default",
+        revision: str | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int | None = None,
+        model_copies: int | None = None,
+        share_model_across_processes: bool = False,
+        allow_pickle_weights: bool = False,
+        fetch: FetchOptions | None = None,
+        decode: DecodeOptions | None = None,
+        image_field: str = "image",
+        uri_field: str = "uri",
+        keep_image_field: bool = False,
+    ) -> None:
+        templates = (
+            (hypothesis_template,)
+            if isinstance(hypothesis_template, str)
+            else tuple(hypothesis_template)
+        )
+        spec = LabelingSpec(
+            model=model,
+            task=task,
+            candidate_labels=tuple(candidate_labels) if candidate_labels is not None else None,
+            hypothesis_template=templates,
+            top_k=top_k,
+            function_to_apply=function_to_apply,
+            revision=revision,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            model_copies=model_copies,
+            share_model_across_processes=share_model_across_processes,
+            allow_pickle_weights=allow_pickle_weights,
+            fetch=fetch or FetchOptions(),
+            decode=decode or DecodeOptions(),
+        )
+        super().__init__()
+        self._init(spec, image_field, uri_field, keep_image_field)
+
+    def _init(self, spec: LabelingSpec, image_field: str, uri_field: str, keep: bool) -> None:
+        self.spec = spec
+        self._image_field = image_field
+        self._uri_field = uri_field
+        self._keep_image_field = keep
+        self._handler = spec.make_handler()
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: LabelingSpec,
+        *,
+        image_field: str = "image",
+        uri_field: str = "uri",
+        keep_image_field: bool = False,
+    ) -> LabelImages:
+        """Build from a ready `LabelingSpec` (the CLI job does this)."""
+        self = cls.__new__(cls)
+        beam.PTransform.__init__(self)
+        self._init(spec, image_field, uri_field, keep_image_field)
+        return self
+
+    def expand(self, elements: beam.PCollection) -> beam.PCollection:
+        rows = elements | "ToImageRows" >> beam.ParDo(
+            _ToImageRows(self._image_field, self._uri_field, self._keep_image_field)
+        )
+        records = rows | "Label" >> LabelImageRows(
+            self._handler,
+            ImagePreprocessor(self.spec.model_spec),
+            LabelingOptions(fetch=self.spec.fetch, decode=self.spec.decode),
+        )
+        return records | "RestoreKeys" >> beam.Map(_restore_key)
+
+
+# ---- classify: the seed's call style, no Beam -----------------------------------
+
+_CACHE: dict[LabelingSpec, tuple[Any, Any, ImagePreprocessor]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _loaded(spec: LabelingSpec) -> tuple[Any, Any, ImagePreprocessor]:
+    with _CACHE_LOCK:
+        if spec not in _CACHE:
+            handler = spec.make_handler()
+            preprocessor = ImagePreprocessor(spec.model_spec)
+            preprocessor.setup()
+            _CACHE[spec] = (handler, handler.load_model(), preprocessor)
+        return _CACHE[spec]
+
+
+def classify(
+    images: Any,
+    *,
+    model: str = "default",
+    task: str = IMAGE_CLASSIFICATION,
+    candidate_labels: Sequence[str] | None = None,
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    top_k: int = 5,
+    function_to_apply: str = "default",
+    revision: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 16,
+    fetch: FetchOptions | None = None,
+    decode: DecodeOptions | None = None,
+) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+    """Label images in memory, in the style of `transformers.pipeline`.
+
+    Args:
+        images: one image or a list: paths, URLs (any allowed scheme), encoded
+            bytes or PIL images.
+        model, task, candidate_labels, ...: as for `LabelImages`.
+
+    Returns:
+        For one image, a list of ``{"label", "score"}`` dicts, best first; for a
+        list, one such list per image. The scores are exactly those the
+        pipeline writes (same preprocessing, handler and postprocessing).
+
+    Raises:
+        ValueError: for an image that cannot be fetched, decoded or labeled,
+            with the same error code the pipeline would write.
+
+    Example::
+
+        classify("cat.jpg", top_k=2)
+        # [{'label': 'tiger cat', 'score': 0.39}, {'label': 'Egyptian cat', 'score': 0.34}]
+    """
+    single = not isinstance(images, (list, tuple))
+    inputs = [images] if single else list(images)
+    templates = (
+        (hypothesis_template,)
+        if isinstance(hypothesis_template, str)
+        else tuple(hypothesis_template)
+    )
+    spec = LabelingSpec(
+        model=model,
+        task=task,
+        candidate_labels=tuple(candidate_labels) if candidate_labels is not None else None,
+        hypothesis_template=templates,
+        top_k=top_k,
+        function_to_apply=function_to_apply,
+        revision=revision,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        fetch=fetch or FetchOptions(),
+        decode=decode or DecodeOptions(),
+    )
+    handler, loaded, preprocessor = _loaded(spec)
+    draft_side = preprocessor.draft_side if spec.decode.draft else None
+    fetcher = Fetcher(spec.fetch)
+    try:
+        pixel_values = []
+        for item in inputs:
+            row = to_image_row(item, image_field="image", uri_field="uri")
+            try:
+                pixel_values.append(
+                    load_pixel_values(
+                        row,
+                        fetcher=fetcher,
+                        preprocessor=preprocessor,
+                        decode=spec.decode,
+                        draft_side=draft_side,
+                    )
+                )
+            except RowError as e:
+                raise ValueError(str(e)) from e
+    finally:
+        fetcher.close()
+    results: list[list[dict[str, Any]]] = []
+    for start in range(0, len(pixel_values), batch_size):
+        for result in handler.run_inference(pixel_values[start : start + batch_size], loaded):
+            if isinstance(result, RowError):
+                raise ValueError(str(result))
+            results.append(
+                [
+                    {"label": label, "score": score}
+                    for label, score in zip(result.labels, result.scores, strict=True)
+                ]
+            )
+    return results[0] if single else results
