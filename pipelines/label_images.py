@@ -37,7 +37,7 @@ from pipelines.output import (
     shard_prefix,
 )
 from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
-from pipelines.runner import is_local, make_runner
+from pipelines.runner import in_process, is_local, make_runner
 from transforms import __version__
 from transforms.api import LabelImages, LabelingSpec
 from transforms.default_model import DEFAULT_MODEL_NAME
@@ -216,11 +216,23 @@ def build_job(config: JobConfig) -> Job:
 
 
 def add_to_pipeline(
-    pipeline: beam.Pipeline, job: Job, *, started_at: float, progress_dir: str | None = None
+    pipeline: beam.Pipeline,
+    job: Job,
+    *,
+    started_at: float,
+    progress_dir: str | None = None,
+    preload: bool = False,
 ) -> beam.PCollection:
-    """Add the labeling graph to `pipeline`. Returns the PCollection of output records."""
+    """Add the labeling graph to `pipeline`. Returns the PCollection of output records.
+
+    With `preload`, the model starts loading in this process right away (for
+    in-process runners: it then loads while Beam plans and reads).
+    """
     rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
-    records = rows | "LabelImages" >> LabelImages.from_spec(job.labeling)
+    label = LabelImages.from_spec(job.labeling)
+    if preload:
+        label.preload()
+    records = rows | "LabelImages" >> label
     written = records | "WriteParquet" >> beam.io.WriteToParquet(
         shard_prefix(job.config.output),
         schema=job.schema,
@@ -301,6 +313,7 @@ def run(
             job,
             started_at=started_at,
             progress_dir=progress_dir if show_progress else None,
+            preload=local and in_process(options),
         )
         total = count_rows(job.plan) if show_progress else None
         try:

@@ -21,6 +21,13 @@ def is_local(options: PipelineOptions) -> bool:
     return (name or "").lower() in LOCAL_RUNNERS
 
 
+def in_process(options: PipelineOptions) -> bool:
+    """Whether a local run executes the DoFns in this very process."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    return options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+
+
 def make_runner(options: PipelineOptions) -> PipelineRunner | None:
     """An offline local runner for local runs; None lets Beam pick (Dataflow ...)."""
     if not is_local(options):

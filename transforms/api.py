@@ -291,6 +291,16 @@ class LabelImages(beam.PTransform):
         self._init(spec, image_field, uri_field, keep_image_field)
         return self
 
+    def preload(self) -> None:
+        """Load the model in the background now, for a run in this process.
+
+        Only useful with an in-process runner (the local default); a runner
+        with separate worker processes loads its own copies.
+        """
+        preload = getattr(self._handler, "preload", None)
+        if preload is not None:
+            preload()
+
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
         rows = elements | "ToImageRows" >> beam.ParDo(
             _ToImageRows(self._image_field, self._uri_field, self._keep_image_field)

@@ -12,7 +12,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.batching import BatchSettings, batch_settings
 from transforms.errors import RowError
-from transforms.inference import isolate_failures
+from transforms.inference import isolate_failures, start_preload, take_preloaded
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import (
     ClassificationFunction,
@@ -48,6 +48,22 @@ def torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def preferred_memory_format(model: Any) -> Any:
+    """channels_last for convolutional models, None (as loaded) for the rest.
+
+    oneDNN and cuDNN run convolutions in NHWC without layout conversions; a
+    MobileNetV2 forward on 2 CPU cores goes from ~33 to ~65 images/s.
+    Transformers (ViT, CLIP) gain nothing, so they are left alone.
+    """
+    import torch
+
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        convs = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        if convs > 4:  # more than a patch-embedding stem
+            return torch.channels_last
+    return None
+
+
 @dataclass
 class LoadedClassifier:
     """A loaded model plus what postprocessing needs from its config."""
@@ -57,6 +73,7 @@ class LoadedClassifier:
     dtype: Any
     id2label: dict[int, str]
     function: ClassificationFunction
+    memory_format: Any = None  # torch.channels_last for convolutional models
 
 
 class ImageClassificationModelHandler(
@@ -124,7 +141,19 @@ class ImageClassificationModelHandler(
         self._device = device
         self._precision = precision
 
+    def cache_key(self) -> str:
+        """Identifies what `load_model` builds (for preloading)."""
+        return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
+
+    def preload(self) -> None:
+        """Start loading the model in the background (local in-process runs)."""
+        start_preload(self.cache_key(), self._load)
+
     def load_model(self) -> LoadedClassifier:
+        preloaded = take_preloaded(self.cache_key())
+        return preloaded if preloaded is not None else self._load()
+
+    def _load(self) -> LoadedClassifier:
         from transformers import AutoModelForImageClassification
         from transformers.utils import logging as hf_logging
 
@@ -138,6 +167,9 @@ class ImageClassificationModelHandler(
         except Exception as e:
             raise explain_load_error(self._spec, e) from e
         model.eval().to(device)
+        memory_format = preferred_memory_format(model)
+        if memory_format is not None:
+            model.to(memory_format=memory_format)
         config = model.config
         id2label = {int(k): str(v) for k, v in config.id2label.items()}
         return LoadedClassifier(
@@ -146,6 +178,7 @@ class ImageClassificationModelHandler(
             dtype=dtype,
             id2label=id2label,
             function=resolve_function(self._function, config),
+            memory_format=memory_format,
         )
 
     def run_inference(
@@ -169,6 +202,8 @@ class ImageClassificationModelHandler(
         pixel_values = torch.from_numpy(np.stack(batch))
         with torch.inference_mode():
             pixel_values = pixel_values.to(model.device, dtype=model.dtype)
+            if model.memory_format is not None:
+                pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
             logits = model.model(pixel_values=pixel_values).logits
         return np.asarray(logits.float().cpu().numpy())
 

@@ -34,7 +34,7 @@ from transforms.image_classification import (
     resolve_device,
     torch_dtype,
 )
-from transforms.inference import isolate_failures
+from transforms.inference import isolate_failures, start_preload, take_preloaded
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import ClassificationFunction, apply_function, top_k_predictions
 from transforms.rows import Prediction
@@ -225,7 +225,19 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
         self._precision = precision
         self._text_batch_size = text_batch_size
 
+    def cache_key(self) -> str:
+        """Identifies what `load_model` builds (for preloading)."""
+        return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
+
+    def preload(self) -> None:
+        """Start loading the model in the background (local in-process runs)."""
+        start_preload(self.cache_key(), self._load)
+
     def load_model(self) -> LoadedZeroShot:
+        preloaded = take_preloaded(self.cache_key())
+        return preloaded if preloaded is not None else self._load()
+
+    def _load(self) -> LoadedZeroShot:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,258 @@
+"""End-to-end throughput: our job vs transformers' pipeline vs the compute limit.
+
+For each model, on the same N corpus images (real photos at mixed sizes, see
+`benchmarks/corpus.py`), prints images/s of:
+
+  (a) our job end to end on the local runner, manifest to Parquet (a fresh
+      `label-images` process; the rate uses the job's own wall time, model
+      load and Parquet write included, interpreter start-up excluded);
+  (b) `transformers.pipeline("image-classification")(paths, batch_size=B)` at
+      its best B;
+  (c) the model's forward pass alone on pre-decoded, preprocessed tensors at
+      its best batch size and memory format: the compute limit;
+
+the ratios a/b and a/c, and the peak RSS of (a). `--scale` also runs (a) at 10x
+the images and prints the ratio of peak RSS.
+
+Models: MobileNetV2 and ViT-B/16 built from transformers configs with random
+weights (same compute as pretrained), and the default EfficientNet-Lite0.
+
+Usage: python -m benchmarks.throughput [--models mobilenet_v2,vit_b16,default]
+           [--images 400] [--vit-images 80] [--scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from benchmarks.common import describe_machine, table  # noqa: E402
+from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
+from transforms.default_model import cache_root  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(name: str, directory: Path) -> str:
+    """A model directory for `name` ("default" is the converted EfficientNet-Lite0)."""
+    if name == "default":
+        from transforms.default_model import default_model_dir
+
+        return str(default_model_dir())
+    target = directory / name
+    if (target / "config.json").exists():
+        return str(target)
+    import torch
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        MobileNetV2ImageProcessor,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    labels = {i: f"class_{i}" for i in range(1000)}
+    model: Any
+    processor: Any
+    if name == "mobilenet_v2":
+        config: Any = MobileNetV2Config(num_labels=1000, id2label=labels)  # type: ignore[call-arg]
+        model = MobileNetV2ForImageClassification(config)
+        processor = MobileNetV2ImageProcessor()
+    elif name == "vit_b16":
+        config = ViTConfig(num_labels=1000, id2label=labels)  # type: ignore[call-arg]
+        model = ViTForImageClassification(config)
+        processor = ViTImageProcessor()
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model.eval().save_pretrained(target)
+    processor.save_pretrained(target)
+    return str(target)
+
+
+@dataclass
+class JobRun:
+    images_per_s: float
+    peak_rss_mb: float
+    ok: int
+
+
+_RUNNER = """
+import json, resource, sys
+from pipelines.label_images import run
+code = run(sys.argv[1:], save_main_session=False)
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print("BENCH_PEAK_RSS_KB", peak)
+sys.exit(code)
+"""
+
+
+def run_ours(model: str, manifest: Path, extra: list[str]) -> JobRun:
+    """(a): the job in a fresh process, as a user runs it."""
+    out = Path(tempfile.mkdtemp(prefix="bench-out-")) / "out"
+    cmd = [
+        sys.executable,
+        "-c",
+        _RUNNER,
+        "--input",
+        str(manifest),
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--progress",
+        "false",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"our job failed:\n{proc.stderr[-3000:]}")
+    peak_kb = next(
+        int(line.split()[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("BENCH_PEAK_RSS_KB")
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    return JobRun(
+        images_per_s=summary["rows_by_status"]["ok"] / summary["wall_time_s"],
+        peak_rss_mb=peak_kb / 1024.0,
+        ok=summary["rows_by_status"]["ok"],
+    )
+
+
+def run_seed(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[float, int]:
+    """(b): transformers' pipeline on the same paths, at its best batch size."""
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=model, device="cpu")
+    pipe([str(paths[0])])  # warm-up
+    best = (0.0, 0)
+    for batch_size in batch_sizes:
+        start = time.perf_counter()
+        pipe([str(p) for p in paths], batch_size=batch_size)
+        best = max(best, (len(paths) / (time.perf_counter() - start), batch_size))
+    return best
+
+
+def run_forward(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[float, str]:
+    """(c): forward pass alone on preprocessed tensors, best batch size and format."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from transforms.decode import decode_image
+    from transforms.models import ModelSpec
+    from transforms.preprocess import ImagePreprocessor
+
+    pre = ImagePreprocessor(ModelSpec(model))
+    sample = [decode_image(p.read_bytes(), draft_side=pre.draft_side) for p in paths[:96]]
+    pixels = np.stack(pre(sample))
+    net = AutoModelForImageClassification.from_pretrained(model).eval()
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    formats = ["contiguous", "channels_last"] if has_conv else ["contiguous"]
+    best = (0.0, "")
+    for fmt in formats:
+        memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        net = net.to(memory_format=memory_format)
+        for batch_size in batch_sizes:
+            # Distinct images in every batch, as in a real run (a repeated batch
+            # stays in cache and overstates the limit).
+            batches = [
+                torch.from_numpy(pixels[i : i + batch_size]).contiguous(memory_format=memory_format)
+                for i in range(0, len(pixels) - batch_size + 1, batch_size)
+            ]
+            with torch.inference_mode():
+                net(pixel_values=batches[0])  # warm-up
+                done, start = 0, time.perf_counter()
+                while done < 2 * len(pixels) or time.perf_counter() - start < 4.0:
+                    net(pixel_values=batches[(done // batch_size) % len(batches)])
+                    done += batch_size
+            rate = done / (time.perf_counter() - start)
+            best = max(best, (rate, f"{fmt}, batch {batch_size}"))
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mobilenet_v2,vit_b16,default")
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument(
+        "--vit-images", type=int, default=80, help="images for ViT-B/16 (about 3 images/s here)"
+    )
+    parser.add_argument("--seed-batch-sizes", default="1,8,16")
+    parser.add_argument(
+        "--scale", action="store_true", help="also run (a) at 10x the images and compare peak RSS"
+    )
+    parser.add_argument("--extra", default="", help="extra label-images flags for (a)")
+    args = parser.parse_args(argv)
+    print(f"Machine: {describe_machine()}")
+    bench = cache_root() / "bench"
+    seed_batches = [int(b) for b in args.seed_batch_sizes.split(",")]
+    extra = args.extra.split()
+    results = []
+    for name in args.models.split(","):
+        count = args.vit_images if name == "vit_b16" else args.images
+        paths = build_corpus(count)
+        manifest = write_manifest(paths, bench / f"throughput-{count}.txt")
+        model = build_model(name, bench / "models")
+        ours = run_ours(model, manifest, extra)
+        seed = run_seed(model, paths, seed_batches if name != "vit_b16" else [8])
+        limit = run_forward(model, paths, [4, 8, 16, 32])
+        rows = [
+            (
+                "(a) ours, end to end",
+                f"{ours.images_per_s:7.2f} images/s "
+                f"(peak RSS {ours.peak_rss_mb:.0f} MiB, {ours.ok} ok)",
+            ),
+            ("(b) transformers.pipeline", f"{seed[0]:7.2f} images/s (batch_size={seed[1]})"),
+            ("(c) forward pass only", f"{limit[0]:7.2f} images/s ({limit[1]})"),
+            ("a / b", f"{ours.images_per_s / seed[0]:7.2f}"),
+            ("a / c", f"{ours.images_per_s / limit[0]:7.2f}"),
+        ]
+        print(f"\n{name}, {count} corpus images:")
+        print(table(rows))
+        results.append((name, ours, seed, limit))
+    if args.scale:
+        paths = build_corpus(args.images * 10)
+        small = run_ours(
+            build_model("mobilenet_v2", bench / "models"),
+            write_manifest(paths[: args.images], bench / "scale-small.txt"),
+            extra,
+        )
+        large = run_ours(
+            build_model("mobilenet_v2", bench / "models"),
+            write_manifest(paths, bench / "scale-large.txt"),
+            extra,
+        )
+        print(f"\nMemory, mobilenet_v2, (a) at {args.images} and {len(paths)} images:")
+        print(
+            table(
+                [
+                    (f"peak RSS at {args.images}", f"{small.peak_rss_mb:7.0f} MiB"),
+                    (f"peak RSS at {len(paths)}", f"{large.peak_rss_mb:7.0f} MiB"),
+                    ("ratio", f"{large.peak_rss_mb / small.peak_rss_mb:7.3f}   target <= 1.15"),
+                    (
+                        "images/s at each size",
+                        f"{small.images_per_s:.1f} / {large.images_per_s:.1f}",
+                    ),
+                ]
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
