@@ -37,8 +37,10 @@ from transforms.rows import ImageRow  # noqa: E402
 class FetchOnly(FetchDecodePreprocess):
     """Our stage with decode and preprocess left out: the fetch machinery alone."""
 
-    def load(self, row: ImageRow) -> np.ndarray:
-        return np.frombuffer(self._fetcher.fetch(row.uri), dtype=np.uint8)
+    def load(self, row: ImageRow, data: bytes | None = None) -> np.ndarray:
+        if data is None:
+            data = self._fetcher.fetch(row.uri)
+        return np.frombuffer(data, dtype=np.uint8)
 
 
 def run_stage(urls: list[str], fetch: FetchOptions, decode: bool) -> tuple[float, int]:

@@ -124,6 +124,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("output", str, "output directory (local or gs://)", "OUTPUT_DIR"),
     Option("config", str, "YAML file of defaults for these options", "FILE.yaml", flag_only=True),
     Option("task", _choice(TASKS), f"one of {', '.join(TASKS)}", "TASK"),
+    Option("torch_threads", _positive_int, "torch intra-op threads per process", "N"),
     Option(
         "model", str, "'default', a model directory, a gs:// directory or a hub id", "ID_OR_PATH"
     ),
@@ -194,6 +195,13 @@ OPTIONS: tuple[Option, ...] = (
         "overwrite", _bool, "replace the shards and summary in a non-empty --output", is_switch=True
     ),
     Option(
+        "skip_existing",
+        str,
+        "a previous output dir: label only rows whose URI has no ok row there "
+        "(same model, revision and label set)",
+        "PREVIOUS_OUTPUT_DIR",
+    ),
+    Option(
         "max_error_rate", _rate, "exit non-zero when more than this share of rows failed", "RATE"
     ),
     Option("fetch_timeout", _positive_float, "seconds per network request", "S"),
@@ -241,8 +249,10 @@ class JobConfig:
     precision: str = "fp32"
     model_copies: int | None = None
     share_model_across_processes: bool = False
+    torch_threads: int | None = None
     num_shards: int = 0
     overwrite: bool = False
+    skip_existing: str | None = None
     max_error_rate: float | None = None
     fetch_timeout: float = 30.0
     fetch_concurrency: int = 64

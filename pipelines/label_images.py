@@ -37,6 +37,7 @@ from pipelines.output import (
     shard_prefix,
 )
 from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
+from pipelines.resume import SKIPPED_TAG, ReadDoneUris, SkipDone, check_previous_output
 from pipelines.runner import in_process, is_local, make_runner
 from transforms import __version__
 from transforms.api import LabelImages, LabelingSpec
@@ -71,6 +72,7 @@ class Job:
     plan: InputPlan
     schema: pa.Schema
     labeling: LabelingSpec
+    skip_existing: str | None = None  # previous output dir whose ok rows are skipped
 
 
 def _load_model_config(spec: ModelSpec) -> Any:
@@ -164,6 +166,7 @@ def labeling_spec(config: JobConfig, labels: tuple[str, ...] | None) -> Labeling
         max_batch_duration_secs=config.max_batch_duration_secs,
         model_copies=config.model_copies,
         share_model_across_processes=config.share_model_across_processes,
+        torch_threads=config.torch_threads,
         allow_pickle_weights=config.allow_pickle_weights,
         fetch=FetchOptions(
             allowed_schemes=config.allowed_schemes,
@@ -212,7 +215,8 @@ def build_job(config: JobConfig) -> Job:
         **described,
     }
     schema = output_schema(plan.passthrough_schema, metadata)
-    return Job(config, plan, schema, labeling)
+    skip = check_previous_output(config, plan, metadata) if config.skip_existing else None
+    return Job(config, plan, schema, labeling, skip)
 
 
 def add_to_pipeline(
@@ -229,6 +233,17 @@ def add_to_pipeline(
     in-process runners: it then loads while Beam plans and reads).
     """
     rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
+    rows_in = rows | "CountRows" >> beam.combiners.Count.Globally()
+    skipped_count = None
+    if job.skip_existing:
+        done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(
+            job.skip_existing, job.plan.uri_column or ""
+        )
+        split = rows | "SkipExisting" >> beam.ParDo(
+            SkipDone(job.plan.uri_column or ""), done=beam.pvalue.AsSingleton(done)
+        ).with_outputs(SKIPPED_TAG, main="rows")
+        rows = split.rows
+        skipped_count = split[SKIPPED_TAG] | "CountSkipped" >> beam.combiners.Count.Globally()
     label = LabelImages.from_spec(job.labeling)
     if preload:
         label.preload()
@@ -241,7 +256,8 @@ def add_to_pipeline(
         codec="snappy",
     )
     stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords())
-    rows_in = rows | "CountRows" >> beam.combiners.Count.Globally()
+    if skipped_count is None:
+        skipped_count = pipeline | "NoneSkipped" >> beam.Create([0])
     _ = (
         pipeline
         | "SummaryTrigger" >> beam.Create([None])
@@ -251,11 +267,37 @@ def add_to_pipeline(
             files=beam.pvalue.AsList(written),
             stats=beam.pvalue.AsSingleton(stats),
             rows_in=beam.pvalue.AsSingleton(rows_in),
+            rows_skipped=beam.pvalue.AsSingleton(skipped_count),
         )
     )
     if progress_dir:
         _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir))
     return records
+
+
+def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
+    """On a Dataflow dry run, write the translated job to --dataflow_job_file.
+
+    Beam's DataflowRunner returns before it writes that file on a dry run; we
+    write the job description and the portable pipeline it would submit, so a
+    dry run can be inspected (and tested) offline.
+    """
+    from apache_beam.options.pipeline_options import DebugOptions
+    from google.protobuf import json_format
+
+    path = options.view_as(DebugOptions).dataflow_job_file
+    job = getattr(result, "job", None)
+    if not path or job is None:
+        return
+    payload = {
+        "job": json.loads(json_format.MessageToJson(job.proto._pb)),
+        "pipeline": json_format.MessageToDict(job.proto_pipeline),
+    }
+    import fsspec
+
+    with fsspec.open(path, "w") as f:
+        f.write(json.dumps(payload, indent=1))
+    logger.info("Dry run: wrote the translated job to %s", path)
 
 
 def _setup_logging() -> None:
@@ -292,13 +334,16 @@ def run(
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, beam_args = load_config(argv)
+        options = PipelineOptions(beam_args)
+        # Beam's --dry_run takes a value (--dry_run=True) and keeps it a string.
+        dry_run = str(options.get_all_options().get("dry_run")).lower() in ("true", "1", "yes")
         job = build_job(config)
-        prepare_output(config.output, overwrite=config.overwrite)
+        if not dry_run:
+            prepare_output(config.output, overwrite=config.overwrite)
     except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
         print(f"label-images: error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
     local = is_local(options) and test_pipeline is None
     started_at = time.time()
@@ -323,11 +368,21 @@ def run(
                 done = printer.done()
                 print(progress_line(done, total, time.time() - started_at), file=sys.stderr)
             else:
-                pipeline.run().wait_until_finish()
+                result = pipeline.run()
+                result.wait_until_finish()
+                if dry_run:
+                    write_dry_run_job(result, options)
         except Exception as e:
             logger.exception("The labeling job failed")
             print(f"label-images: job failed: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_JOB_FAILED
+    if dry_run:
+        print(
+            "label-images: dry run: the job graph was built and translated, not run",
+            file=sys.stderr,
+        )
+        print(json.dumps({"label_images_dry_run": True}))
+        return EXIT_OK
     try:
         summary = read_summary(config.output)
     except FileNotFoundError:

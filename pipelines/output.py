@@ -125,11 +125,12 @@ class WriteSummary(beam.DoFn):
         self._config = dict(config)
 
     def process(
-        self, _: Any, files: list[str], stats: dict[str, Any], rows_in: int
+        self, _: Any, files: list[str], stats: dict[str, Any], rows_in: int, rows_skipped: int = 0
     ) -> Iterator[dict[str, Any]]:
         summary = build_summary(
             stats=stats,
             rows_in=rows_in,
+            rows_skipped=rows_skipped,
             files=files,
             started_at=self._started_at,
             finished_at=time.time(),
@@ -146,6 +147,7 @@ def build_summary(
     stats: Mapping[str, Any],
     rows_in: int,
     files: Iterable[str],
+    rows_skipped: int = 0,
     started_at: float,
     finished_at: float,
     config: Mapping[str, Any],
@@ -158,6 +160,7 @@ def build_summary(
     return {
         "version": __version__,
         "rows_in": int(rows_in),
+        "rows_skipped": int(rows_skipped),
         "rows_out": rows_out,
         "rows_by_status": by_status,
         "error_rate": (rows_out - by_status["ok"]) / rows_out if rows_out else 0.0,

@@ -56,6 +56,7 @@ class LabelingSpec:
     max_batch_duration_secs: float | None = None
     model_copies: int | None = None
     share_model_across_processes: bool = False
+    torch_threads: int | None = None
     allow_pickle_weights: bool = False
     fetch: FetchOptions = field(default_factory=FetchOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
@@ -72,6 +73,8 @@ class LabelingSpec:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be >= 1")
         if self.task == ZERO_SHOT:
             self.label_set  # noqa: B018 - validates labels and templates
             if self.function_to_apply != "default":
@@ -101,6 +104,7 @@ class LabelingSpec:
             ),
             "model_copies": self.model_copies,
             "share_model_across_processes": self.share_model_across_processes,
+            "torch_threads": self.torch_threads,
         }
         if self.task == ZERO_SHOT:
             return ZeroShotModelHandler(self.model_spec, self.label_set, **common)
@@ -275,6 +279,7 @@ class LabelImages(beam.PTransform):
         self._uri_field = uri_field
         self._keep_image_field = keep
         self._handler = spec.make_handler()
+        self._preprocessor = ImagePreprocessor(spec.model_spec)
 
     @classmethod
     def from_spec(
@@ -300,6 +305,7 @@ class LabelImages(beam.PTransform):
         preload = getattr(self._handler, "preload", None)
         if preload is not None:
             preload()
+        self._preprocessor.preload()
 
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
         rows = elements | "ToImageRows" >> beam.ParDo(
@@ -307,7 +313,7 @@ class LabelImages(beam.PTransform):
         )
         records = rows | "Label" >> LabelImageRows(
             self._handler,
-            ImagePreprocessor(self.spec.model_spec),
+            self._preprocessor,
             LabelingOptions(fetch=self.spec.fetch, decode=self.spec.decode),
         )
         return records | "RestoreKeys" >> beam.Map(_restore_key)

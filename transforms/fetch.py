@@ -14,6 +14,7 @@ resets, incomplete bodies), with exponential backoff and full jitter, honouring
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import errno
 import logging
@@ -248,6 +249,20 @@ class Fetcher:
                 raise classify_fetch_error(uri, e) from e
         with self._sync_slots:
             return self._with_retries(uri, lambda: self._fetch_fsspec(uri))
+
+    def fetch_async(self, uri: str) -> concurrent.futures.Future[bytes]:
+        """Start an http(s) fetch on the event loop; the future raises `RowError`."""
+        uri = check_uri(uri, self.options)
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(self._fetch_http_classified(uri), loop)
+
+    async def _fetch_http_classified(self, uri: str) -> bytes:
+        try:
+            return await self._fetch_http(uri)
+        except RowError:
+            raise
+        except Exception as e:  # a bug in the async path must still be a row
+            raise classify_fetch_error(uri, e) from e
 
     def _with_retries(self, uri: str, call: Callable[[], T]) -> T:
         attempt = 0

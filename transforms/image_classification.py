@@ -104,6 +104,8 @@ class ImageClassificationModelHandler(
             processes (GPU workers); None loads one per process.
         share_model_across_processes: load one model per machine even without
             `model_copies` (large models).
+        torch_threads: torch intra-op threads; None keeps torch's default (all
+            cores), which oversubscribes a VM running one process per core.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class ImageClassificationModelHandler(
         batching: BatchSettings | None = None,
         model_copies: int | None = None,
         share_model_across_processes: bool = False,
+        torch_threads: int | None = None,
     ) -> None:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -140,6 +143,7 @@ class ImageClassificationModelHandler(
         self._function = function_to_apply
         self._device = device
         self._precision = precision
+        self._torch_threads = torch_threads
 
     def cache_key(self) -> str:
         """Identifies what `load_model` builds (for preloading)."""
@@ -158,6 +162,10 @@ class ImageClassificationModelHandler(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if self._torch_threads:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         device = resolve_device(self._device)
         dtype = torch_dtype(self._precision)
         try:

@@ -10,9 +10,7 @@ columns plus `label`, `score`, `labels`, `scores`, `status` and `error`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from PIL import Image, ImageOps
 
 from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
 from transforms.errors import ErrorCode, RowError, Status
-from transforms.fetch import Fetcher, FetchOptions
+from transforms.fetch import Fetcher, FetchOptions, scheme_of
 from transforms.image_classification import METRICS_NAMESPACE
 from transforms.preprocess import Preprocessor
 from transforms.rows import ImageRow, Prediction, error_record, ok_record
@@ -59,9 +57,9 @@ def load_pixel_values(
     preprocessor: Preprocessor,
     decode: DecodeOptions,
     draft_side: int | None,
-    slots: threading.BoundedSemaphore | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
-    """One row's `pixel_values`: its inline image, or the bytes at its URI.
+    """One row's `pixel_values`: from `data`, its inline image, or the bytes at its URI.
 
     Raises:
         RowError: for any failure of this row.
@@ -69,22 +67,20 @@ def load_pixel_values(
     if row.error is not None:
         raise row.error
     image: Image.Image
-    if isinstance(row.image, Image.Image):
+    if data is None and isinstance(row.image, Image.Image):
         # As transformers' load_image does for PIL inputs.
         image = (ImageOps.exif_transpose(row.image) or row.image).convert("RGB")
-        data = None
     else:
-        data = row.image if row.image is not None else fetcher.fetch(row.uri)
-    with slots or contextlib.nullcontext():
-        if data is not None:
-            image = decode_image(data, draft_side=draft_side, max_pixels=decode.max_pixels)
-            del data
-        try:
-            (pixel_values,) = preprocessor([image])
-        except Exception as e:
-            raise RowError(
-                ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
-            ) from e
+        if data is None:
+            data = row.image if row.image is not None else fetcher.fetch(row.uri)
+        image = decode_image(data, draft_side=draft_side, max_pixels=decode.max_pixels)
+        del data
+    try:
+        (pixel_values,) = preprocessor([image])
+    except Exception as e:
+        raise RowError(
+            ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
+        ) from e
     return pixel_values
 
 
@@ -98,10 +94,11 @@ class FetchDecodePreprocess(beam.DoFn):
     """Turns an `ImageRow` into `(row, pixel_values)`, or `(row, RowError)` on the
     `errors` output. Never raises for a bad image.
 
-    Rows are fetched, decoded and preprocessed by a pool of threads, with up to
-    `fetch.concurrency` in flight, so network latency overlaps; decoding is
-    limited to `decode.threads` at a time (Pillow releases the GIL while it
-    decodes). Results are emitted as they complete, in any order.
+    Up to `fetch.concurrency` rows are in flight, so network latency overlaps:
+    http(s) downloads wait on the fetcher's event loop, gs:// and s3:// on an
+    I/O thread pool, and `decode.threads` threads decode and preprocess
+    (Pillow releases the GIL while it decodes). Results are emitted as they
+    complete, in any order.
 
     Example::
 
@@ -124,20 +121,25 @@ class FetchDecodePreprocess(beam.DoFn):
         self._preprocessor.setup()
         self._draft_side = self._preprocessor.draft_side if self._decode.draft else None
         self._fetcher = Fetcher(self._fetch)
-        self._pool = ThreadPoolExecutor(
-            max_workers=self._fetch.concurrency, thread_name_prefix="fetch"
+        # Decoding runs on a few threads only; network fetches wait elsewhere
+        # (http(s) on the fetcher's event loop, gs:// and s3:// on an I/O pool),
+        # so dozens of downloads in flight never mean dozens of threads
+        # allocating decode buffers (each thread grows its own malloc arena).
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self._decode.threads, thread_name_prefix="decode"
         )
-        self._decode_slots = threading.BoundedSemaphore(self._decode.threads)
+        self._io_pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Future[np.ndarray], WindowedValue]] = []
 
     def teardown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=True, cancel_futures=True)
         self._fetcher.close()
 
-    def load(self, row: ImageRow) -> np.ndarray:
-        """Fetch (unless the row carries its image), decode and preprocess one row.
-
-        Runs in a pool thread.
+    def load(self, row: ImageRow, data: bytes | None = None) -> np.ndarray:
+        """Decode and preprocess one row, fetching it first unless `data` (or the
+        row's own image) is given. Runs on a decode thread.
 
         Raises:
             RowError: for any failure of this row.
@@ -148,8 +150,42 @@ class FetchDecodePreprocess(beam.DoFn):
             preprocessor=self._preprocessor,
             decode=self._decode,
             draft_side=self._draft_side,
-            slots=self._decode_slots,
+            data=data,
         )
+
+    def _submit(self, row: ImageRow) -> Future[np.ndarray]:
+        """Start one row: remote bytes are fetched off the decode threads first."""
+        scheme = scheme_of(row.uri) if row.uri else "file"
+        if row.error is not None or row.image is not None or scheme == "file":
+            return self._decode_pool.submit(self.load, row)
+        if scheme not in self._fetch.allowed_schemes:
+            return self._decode_pool.submit(self.load, row)  # becomes invalid_input
+        if scheme in ("http", "https"):
+            fetched = self._fetcher.fetch_async(row.uri or "")
+        else:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(
+                    max_workers=self._fetch.concurrency, thread_name_prefix="fetch"
+                )
+            fetched = self._io_pool.submit(self._fetcher.fetch, row.uri)
+        result: Future[np.ndarray] = Future()
+
+        def decoded(future: Future[np.ndarray]) -> None:
+            try:
+                result.set_result(future.result())
+            except BaseException as e:
+                result.set_exception(e)
+
+        def on_fetched(future: Future[bytes]) -> None:
+            try:
+                data = future.result()
+            except BaseException as e:
+                result.set_exception(e)
+                return
+            self._decode_pool.submit(self.load, row, data).add_done_callback(decoded)
+
+        fetched.add_done_callback(on_fetched)
+        return result
 
     def _result(self, future: Future[np.ndarray], element: WindowedValue) -> Any:
         row = element.value
@@ -180,7 +216,7 @@ class FetchDecodePreprocess(beam.DoFn):
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
         element = WindowedValue(row, timestamp, (window,))
-        self._pending.append((self._pool.submit(self.load, row), element))
+        self._pending.append((self._submit(row), element))
         yield from self._drain(self._fetch.concurrency)
 
     def finish_bundle(self) -> Iterator[Any]:

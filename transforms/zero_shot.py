@@ -200,6 +200,7 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
         batching: BatchSettings | None = None,
         model_copies: int | None = None,
         share_model_across_processes: bool = False,
+        torch_threads: int | None = None,
         text_batch_size: int = TEXT_BATCH_SIZE,
     ) -> None:
         if top_k < 0:
@@ -223,6 +224,7 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
         self._top_k = top_k
         self._device = device
         self._precision = precision
+        self._torch_threads = torch_threads
         self._text_batch_size = text_batch_size
 
     def cache_key(self) -> str:
@@ -242,6 +244,10 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if self._torch_threads:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         device = resolve_device(self._device)
         dtype = torch_dtype(self._precision)
         path = resolve_model(self._spec)

@@ -1,0 +1,1 @@
+"""Example Airflow DAGs (they import Airflow, not this project)."""

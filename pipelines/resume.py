@@ -1,0 +1,121 @@
+"""`--skip-existing`: label only the rows a previous run did not label.
+
+A row is done when the previous output holds an `ok` row with the same URI
+(the URI column's value as written in the input), labeled by the same model,
+revision, task and label set. Everything else (missing rows, error rows) is
+labeled again. The URIs are read in the pipeline, so a previous output of
+millions of rows never passes through the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+
+from pipelines.config import ConfigError, JobConfig
+from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
+from transforms.errors import Status
+from transforms.rows import ImageRow
+from transforms.sources import InputPlan
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_TAG = "skipped"
+#: Metadata that must match for a previous row to count as done.
+IDENTITY_KEYS = (
+    "image_labeler.task",
+    "image_labeler.model",
+    "image_labeler.revision",
+    "image_labeler.label_set_sha256",
+)
+
+
+def previous_shards(directory: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(directory)
+    pattern = posixpath.join(root, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+    found = sorted(fs.glob(pattern))
+    proto = directory.split("://", 1)[0] if "://" in directory else None
+    return [f"{proto}://{p}" if proto and "://" not in p else p for p in found]
+
+
+def check_previous_output(
+    config: JobConfig, plan: InputPlan, metadata: Mapping[str, str]
+) -> str | None:
+    """Validate `--skip-existing` at build time; None when nothing can be reused.
+
+    Raises:
+        ConfigError: for a previous output that cannot be used at all.
+    """
+    previous = config.skip_existing
+    assert previous is not None
+    if previous.rstrip("/") == config.output.rstrip("/"):
+        raise ConfigError(
+            "--skip-existing must name the previous output, not --output itself; write "
+            "the new rows to a new directory"
+        )
+    if not plan.uri_column:
+        raise ConfigError("--skip-existing needs a URI column to match rows on")
+    shards = previous_shards(previous)
+    if not shards:
+        raise ConfigError(f"--skip-existing {previous} holds no {SHARD_PREFIX}-*.parquet files")
+    with fsspec.open(shards[0], "rb") as f:
+        schema = pq.read_schema(f)
+    if plan.uri_column not in schema.names or "status" not in schema.names:
+        raise ConfigError(
+            f"--skip-existing {previous} has no {plan.uri_column!r} and status columns"
+        )
+    found = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    different = [key for key in IDENTITY_KEYS if found.get(key, "") != metadata.get(key, "")]
+    if different:
+        logger.warning(
+            "--skip-existing %s was labeled with different %s; no row of it is reused",
+            previous,
+            ", ".join(f"{k.split('.', 1)[1]} ({found.get(k, '')!r})" for k in different),
+        )
+        return None
+    return previous
+
+
+class ReadDoneUris(beam.PTransform):
+    """The set of URIs with an `ok` row in a previous output (one element)."""
+
+    def __init__(self, directory: str, uri_column: str) -> None:
+        super().__init__()
+        self._directory = directory
+        self._uri_column = uri_column
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        uri_column = self._uri_column
+        ok = Status.OK.value
+        return (
+            pbegin
+            | "ReadPrevious"
+            >> beam.io.ReadFromParquet(
+                self._directory.rstrip("/") + f"/{SHARD_PREFIX}-*{SHARD_SUFFIX}",
+                columns=[uri_column, "status"],
+            )
+            | "OkUris"
+            >> beam.FlatMap(
+                lambda r: [r[uri_column]] if r["status"] == ok and r[uri_column] else []
+            )
+            | "ToSet" >> beam.CombineGlobally(beam.combiners.ToSetCombineFn())
+        )
+
+
+class SkipDone(beam.DoFn):
+    """Rows whose URI is done go to the `skipped` output; the rest pass on."""
+
+    def __init__(self, uri_column: str) -> None:
+        self._uri_column = uri_column
+
+    def process(self, row: ImageRow, done: Any) -> Iterator[Any]:
+        if row.error is None and row.values.get(self._uri_column) in done:
+            yield beam.pvalue.TaggedOutput(SKIPPED_TAG, row.index)
+        else:
+            yield row
