@@ -20,7 +20,7 @@ import yaml
 
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.fetch import DEFAULT_ALLOWED_SCHEMES
-from transforms.image_classification import DEVICES, PRECISIONS
+from transforms.handler_base import DEVICES, PRECISIONS
 from transforms.postprocess import ClassificationFunction
 from transforms.sources import FORMATS
 

@@ -265,3 +265,19 @@ def gcs_emulator() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def read_output(directory: Path) -> Any:
+    """The `part-*.parquet` shards of a job's output directory, as one pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
+    assert files, f"no shards in {directory}"
+    return pq.ParquetDataset(files).read()
+
+
+def run_job(args: list[str]) -> int:
+    """Run the label-images job in this process, quietly; its exit code."""
+    from pipelines.label_images import run
+
+    return run([*args, "--progress", "false"], save_main_session=False)

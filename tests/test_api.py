@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from tests.conftest import real_photo
+from tests.conftest import read_output, real_photo, run_job
 from transforms import LabelImages, classify
 
 pytestmark = pytest.mark.slow
@@ -26,16 +26,6 @@ def _jpeg(name: str, size: int = 96) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _read(out: Path) -> pa.Table:
-    return pq.ParquetDataset([str(p) for p in sorted(out.glob("part-*.parquet"))]).read()
-
-
-def _run(args: list[str]) -> int:
-    from pipelines.label_images import run
-
-    return run(args + ["--progress", "false"], save_main_session=False)
 
 
 # ---- Parquet with the images inside -------------------------------------------------
@@ -67,8 +57,8 @@ def test_datasets_image_layout(tiny_vit: Path, photo_dir: Path, tmp_path: Path) 
     pq.write_table(source, src, row_group_size=4)
     out = tmp_path / "out"
     # No --uri-column or --image-column: the struct column is detected.
-    assert _run(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
-    table = _read(out)
+    assert run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
+    table = read_output(out)
     assert "image" not in table.schema.names  # image bytes are not copied by default
     assert table.schema.names[:3] == ["id", "caption", "tags"]
     assert table.schema.field("tags").type == pa.list_(pa.string())
@@ -103,8 +93,8 @@ def test_keep_image_column(tiny_vit: Path, photo_dir: Path, tmp_path: Path) -> N
         "image",
         "--keep-image-column",
     ]
-    assert _run(args) == 0
-    table = _read(out)
+    assert run_job(args) == 0
+    table = read_output(out)
     assert table.schema.field("image").type == _hf_image_table(photo_dir).schema.field("image").type
     assert {r["id"]: r["image"] for r in table.to_pylist()}[1]["bytes"] == _jpeg("chelsea")
 
@@ -120,8 +110,8 @@ def test_plain_binary_column(tiny_vit: Path, tmp_path: Path) -> None:
     src = tmp_path / "binary.parquet"
     pq.write_table(source, src)
     out = tmp_path / "out"
-    assert _run(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
-    table = _read(out)
+    assert run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
+    table = read_output(out)
     assert "jpg" not in table.schema.names
     assert table.schema.field("score_in").type == pa.float32()
     rows = {r["key"]: r for r in table.to_pylist()}
@@ -139,7 +129,7 @@ def test_image_column_errors(
     src = tmp_path / "t.parquet"
     pq.write_table(pa.table({"uri": ["a.jpg"], "n": [1]}), src)
     args = ["--input", str(src), "--output", str(tmp_path / "o"), "--model", str(tiny_vit)]
-    assert _run(args + ["--image-column", "n"]) == 2
+    assert run_job(args + ["--image-column", "n"]) == 2
     assert "expected binary" in capsys.readouterr().err
 
 
@@ -275,7 +265,7 @@ def test_classify_equals_the_pipeline_output(
         (tmp_path / name).write_bytes((photo_dir / name).read_bytes())
     out = tmp_path / "out"
     assert (
-        _run(
+        run_job(
             [
                 "--input",
                 str(manifest),
@@ -289,7 +279,7 @@ def test_classify_equals_the_pipeline_output(
         )
         == 0
     )
-    written = {r["uri"]: r for r in _read(out).to_pylist()}
+    written = {r["uri"]: r for r in read_output(out).to_pylist()}
     paths = [str(tmp_path / n) for n in names]
     by_path = classify(paths, model=str(tiny_vit), top_k=3)
     by_bytes = classify([Path(p).read_bytes() for p in paths], model=str(tiny_vit), top_k=3)

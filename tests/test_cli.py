@@ -13,23 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_ERROR_RATE, EXIT_OK, run
+from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_ERROR_RATE, EXIT_OK
+from tests.conftest import read_output, run_job
 
 pytestmark = pytest.mark.slow
-
-
-def read_output(directory: Path) -> pa.Table:
-    files = sorted(str(p) for p in directory.glob("part-*.parquet"))
-    assert files, f"no shards in {directory}"
-    return pq.ParquetDataset(files).read()
 
 
 def rows_by(table: pa.Table, key: str) -> dict[Any, dict[str, Any]]:
     return {row[key]: row for row in table.to_pylist()}
 
 
-def label(args: list[str]) -> int:
-    return run(args + ["--progress", "false"], save_main_session=False)
+label = run_job
 
 
 def test_text_manifest_matches_the_seed(tiny_vit: Path, photo_dir: Path, tmp_path: Path) -> None:

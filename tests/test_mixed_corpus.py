@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipelines.label_images import EXIT_OK, run
+from tests.conftest import read_output
 from tests.http_server import FaultServer, serve
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def test_every_row_out_exactly_once_with_its_code(
         save_main_session=False,
     )
     assert exit_code == EXIT_OK
-    table = pq.ParquetDataset([str(p) for p in sorted(out.glob("part-*.parquet"))]).read()
+    table = read_output(out)
     out_rows = table.to_pylist()
     assert len(out_rows) == len(rows)  # the invariant
     assert sorted(r["row"] for r in out_rows) == list(range(len(rows)))

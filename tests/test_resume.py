@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK, run
+from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
+from tests.conftest import read_output, run_job
 
 pytestmark = pytest.mark.slow
 
 
-def _label(args: list[str]) -> int:
-    return run(args + ["--progress", "false"], save_main_session=False)
+_label = run_job
 
 
 def _rows(out: Path) -> list[dict]:
-    files = [str(p) for p in sorted(out.glob("part-*.parquet"))]
-    return pq.ParquetDataset(files).read().to_pylist() if files else []
+    return list(read_output(out).to_pylist())
 
 
 def test_rerun_labels_only_missing_and_failed_rows(

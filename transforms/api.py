@@ -21,7 +21,8 @@ from PIL import Image
 from transforms.batching import batch_settings
 from transforms.errors import ErrorCode, RowError
 from transforms.fetch import Fetcher, FetchOptions
-from transforms.image_classification import DEVICES, PRECISIONS, ImageClassificationModelHandler
+from transforms.handler_base import DEVICES, PRECISIONS
+from transforms.image_classification import ImageClassificationModelHandler
 from transforms.label import DecodeOptions, LabelImageRows, LabelingOptions, load_pixel_values
 from transforms.models import ModelSpec
 from transforms.postprocess import ClassificationFunction
@@ -62,6 +63,18 @@ class LabelingSpec:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
     def __post_init__(self) -> None:
+        # Accept the forms callers write: a label list, one template string, None.
+        normalize = object.__setattr__
+        if self.candidate_labels is not None and not isinstance(self.candidate_labels, tuple):
+            normalize(self, "candidate_labels", tuple(self.candidate_labels))
+        if isinstance(self.hypothesis_template, str):
+            normalize(self, "hypothesis_template", (self.hypothesis_template,))
+        elif not isinstance(self.hypothesis_template, tuple):
+            normalize(self, "hypothesis_template", tuple(self.hypothesis_template))
+        if self.fetch is None:
+            normalize(self, "fetch", FetchOptions())
+        if self.decode is None:
+            normalize(self, "decode", DecodeOptions())
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -248,16 +261,11 @@ class LabelImages(beam.PTransform):
         uri_field: str = "uri",
         keep_image_field: bool = False,
     ) -> None:
-        templates = (
-            (hypothesis_template,)
-            if isinstance(hypothesis_template, str)
-            else tuple(hypothesis_template)
-        )
         spec = LabelingSpec(
             model=model,
             task=task,
-            candidate_labels=tuple(candidate_labels) if candidate_labels is not None else None,
-            hypothesis_template=templates,
+            candidate_labels=candidate_labels,  # type: ignore[arg-type]  # normalized
+            hypothesis_template=hypothesis_template,  # type: ignore[arg-type]
             top_k=top_k,
             function_to_apply=function_to_apply,
             revision=revision,
@@ -336,27 +344,17 @@ def _loaded(spec: LabelingSpec) -> tuple[Any, Any, ImagePreprocessor]:
 
 
 def classify(
-    images: Any,
-    *,
-    model: str = "default",
-    task: str = IMAGE_CLASSIFICATION,
-    candidate_labels: Sequence[str] | None = None,
-    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
-    top_k: int = 5,
-    function_to_apply: str = "default",
-    revision: str | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
-    batch_size: int = 16,
-    fetch: FetchOptions | None = None,
-    decode: DecodeOptions | None = None,
+    images: Any, *, batch_size: int = 16, **options: Any
 ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
     """Label images in memory, in the style of `transformers.pipeline`.
 
     Args:
         images: one image or a list: paths, URLs (any allowed scheme), encoded
             bytes or PIL images.
-        model, task, candidate_labels, ...: as for `LabelImages`.
+        batch_size: images per forward pass.
+        options: any `LabelingSpec` field (`model`, `task`, `candidate_labels`,
+            `hypothesis_template`, `top_k`, `function_to_apply`, `device`, ...),
+            as for `LabelImages`; an unknown name is a TypeError naming it.
 
     Returns:
         For one image, a list of ``{"label", "score"}`` dicts, best first; for a
@@ -374,25 +372,7 @@ def classify(
     """
     single = not isinstance(images, (list, tuple))
     inputs = [images] if single else list(images)
-    templates = (
-        (hypothesis_template,)
-        if isinstance(hypothesis_template, str)
-        else tuple(hypothesis_template)
-    )
-    spec = LabelingSpec(
-        model=model,
-        task=task,
-        candidate_labels=tuple(candidate_labels) if candidate_labels is not None else None,
-        hypothesis_template=templates,
-        top_k=top_k,
-        function_to_apply=function_to_apply,
-        revision=revision,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        fetch=fetch or FetchOptions(),
-        decode=decode or DecodeOptions(),
-    )
+    spec = LabelingSpec(batch_size=batch_size, **options)
     handler, loaded, preprocessor = _loaded(spec)
     draft_side = preprocessor.draft_side if spec.decode.draft else None
     fetcher = Fetcher(spec.fetch)

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
 from transforms.errors import ErrorCode, RowError, Status
 from transforms.fetch import Fetcher, FetchOptions, scheme_of
-from transforms.image_classification import METRICS_NAMESPACE
+from transforms.handler_base import METRICS_NAMESPACE
 from transforms.preprocess import Preprocessor
 from transforms.rows import ImageRow, Prediction, error_record, ok_record
 
@@ -84,6 +84,31 @@ def load_pixel_values(
     return pixel_values
 
 
+def single_threaded_torch_in_this_thread() -> None:
+    """Make torch ops in the calling thread run on one OpenMP thread.
+
+    Image processors run torch ops (resize, normalize) on the decode threads.
+    Each thread that runs an OpenMP region gets its own team of
+    `torch.get_num_threads()` threads, so two decode threads beside the
+    forward pass put three teams on the cores, spinning at each other's
+    barriers. `torch.set_num_threads` is process-wide (it would slow the
+    forward pass too), but OpenMP's team size is a per-thread setting: we let
+    torch initialise this thread, then set this thread's team size to 1.
+    """
+    try:
+        import ctypes
+
+        import torch
+
+        torch.ones(64).sum()  # torch's lazy per-thread init, which sets the team size
+        with open("/proc/self/maps") as maps:
+            library = next((line.split()[-1] for line in maps if "libgomp" in line), None)
+        if library:
+            ctypes.CDLL(library).omp_set_num_threads(1)
+    except Exception:  # best effort: other platforms and OpenMP runtimes differ
+        logger.debug("could not limit OpenMP threads on a decode thread", exc_info=True)
+
+
 def count_error(error: RowError) -> None:
     """Beam counters per status and per error code (shown in Dataflow's UI)."""
     Metrics.counter(METRICS_NAMESPACE, f"rows_{error.status.value}").inc()
@@ -126,7 +151,9 @@ class FetchDecodePreprocess(beam.DoFn):
         # so dozens of downloads in flight never mean dozens of threads
         # allocating decode buffers (each thread grows its own malloc arena).
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=self._decode.threads, thread_name_prefix="decode"
+            max_workers=self._decode.threads,
+            thread_name_prefix="decode",
+            initializer=single_threaded_torch_in_this_thread,
         )
         self._io_pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Future[np.ndarray], WindowedValue]] = []

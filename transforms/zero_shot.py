@@ -18,26 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.batching import BatchSettings, batch_settings
-from transforms.errors import RowError
-from transforms.image_classification import (
-    DEVICES,
-    METRICS_NAMESPACE,
-    PRECISIONS,
-    resolve_device,
-    torch_dtype,
-)
-from transforms.inference import isolate_failures, start_preload, take_preloaded
+from transforms.handler_base import TorchHandlerBase
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
-from transforms.postprocess import ClassificationFunction, apply_function, top_k_predictions
-from transforms.rows import Prediction
+from transforms.postprocess import ClassificationFunction
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +156,7 @@ def encode_label_bank(
     return bank
 
 
-class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", LoadedZeroShot]):
+class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
     """Zero-shot image classification against a fixed label set, for RunInference.
 
     Examples are preprocessed `pixel_values` (C, H, W) from `ImagePreprocessor`.
@@ -183,10 +172,10 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
     Args:
         spec: a CLIP- or SigLIP-family model.
         label_set: candidate labels and hypothesis templates.
-        top_k: labels kept per image (capped at the label count); 0 keeps all.
-        device, precision, batching, model_copies, share_model_across_processes:
-            as for `ImageClassificationModelHandler`.
         text_batch_size: prompts per text-tower pass while building the bank.
+        options: `top_k`, `device`, `precision`, `batching`, `model_copies`,
+            `share_model_across_processes`, `torch_threads`, as documented on
+            `TorchHandlerBase` (keyword-only; an unknown one is a TypeError).
     """
 
     def __init__(
@@ -194,62 +183,19 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
         spec: ModelSpec,
         label_set: LabelSet,
         *,
-        top_k: int = 5,
-        device: str = "auto",
-        precision: str = "fp32",
-        batching: BatchSettings | None = None,
-        model_copies: int | None = None,
-        share_model_across_processes: bool = False,
-        torch_threads: int | None = None,
         text_batch_size: int = TEXT_BATCH_SIZE,
+        **options: Any,
     ) -> None:
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision == "fp16" and device == "cpu":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         if text_batch_size < 1:
             raise ValueError("text_batch_size must be >= 1")
-        batching = batching or batch_settings(batch_size=None, on_gpu=device == "cuda")
-        super().__init__(
-            **batching.as_kwargs(),
-            large_model=share_model_across_processes,
-            model_copies=model_copies,
-        )
-        self._spec = spec
+        super().__init__(spec, **options)
         self._label_set = label_set
-        self._top_k = top_k
-        self._device = device
-        self._precision = precision
-        self._torch_threads = torch_threads
         self._text_batch_size = text_batch_size
-
-    def cache_key(self) -> str:
-        """Identifies what `load_model` builds (for preloading)."""
-        return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
-
-    def preload(self) -> None:
-        """Start loading the model in the background (local in-process runs)."""
-        start_preload(self.cache_key(), self._load)
-
-    def load_model(self) -> LoadedZeroShot:
-        preloaded = take_preloaded(self.cache_key())
-        return preloaded if preloaded is not None else self._load()
 
     def _load(self) -> LoadedZeroShot:
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        if self._torch_threads:
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
-        device = resolve_device(self._device)
-        dtype = torch_dtype(self._precision)
+        device, dtype = self._torch_setup()
         path = resolve_model(self._spec)
         kwargs = from_pretrained_kwargs(self._spec)
         try:
@@ -283,19 +229,6 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
             id2label=dict(enumerate(self._label_set.labels)),
         )
 
-    def run_inference(
-        self,
-        batch: Sequence[np.ndarray],
-        model: LoadedZeroShot,
-        inference_args: dict[str, Any] | None = None,
-    ) -> Iterable[Prediction | RowError]:
-        return isolate_failures(batch, lambda examples: self._predict(examples, model))
-
-    def _predict(self, batch: Sequence[np.ndarray], model: LoadedZeroShot) -> list[Prediction]:
-        logits = self.forward(batch, model)
-        scores = apply_function(logits, model.function)
-        return top_k_predictions(scores, model.id2label, self._top_k)
-
     @staticmethod
     def forward(batch: Sequence[np.ndarray], model: LoadedZeroShot) -> np.ndarray:
         """The hot path: image tower, normalize, one product with the label bank."""
@@ -308,12 +241,6 @@ class ZeroShotModelHandler(ModelHandler[np.ndarray, "Prediction | RowError", Loa
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias
         return np.asarray(logits.cpu().numpy())
-
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return int(sum(example.nbytes for example in batch))
-
-    def get_metrics_namespace(self) -> str:
-        return METRICS_NAMESPACE
 
 
 def check_dual_encoder(model: Any, name: str) -> None:

@@ -1,0 +1,166 @@
+"""What our torch ModelHandlers share.
+
+RunInference owns batching, model sharing and metrics; a handler only loads
+its model and runs one batch. The base class holds the rest, once: option
+checks at construction, BatchElements settings, model sharing for GPU
+workers, torch threads, preloading for in-process runs, and per-image
+isolation of inference failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.batching import BatchSettings, batch_settings
+from transforms.errors import RowError
+from transforms.inference import isolate_failures, start_preload, take_preloaded
+from transforms.models import ModelSpec
+from transforms.postprocess import apply_function, top_k_predictions
+from transforms.rows import Prediction
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+METRICS_NAMESPACE = "image_labeler"
+
+LoadedT = TypeVar("LoadedT")
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" means cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+class TorchHandlerBase(
+    ModelHandler[np.ndarray, "Prediction | RowError", LoadedT], Generic[LoadedT]
+):
+    """Base of the image-classification and zero-shot handlers.
+
+    Args:
+        spec: which model to load.
+        top_k: labels kept per image (capped at the label count); 0 keeps all.
+        device: "auto", "cpu" or "cuda".
+        precision: "fp32", "fp16" or "bf16" (fp16 needs a GPU).
+        batching: BatchElements settings (`transforms.batching.batch_settings`).
+        model_copies: models loaded per worker machine, shared across its
+            processes (GPU workers); None loads one per process.
+        share_model_across_processes: load one model per machine even without
+            `model_copies` (large models).
+        torch_threads: torch intra-op threads; None keeps torch's default (all
+            cores), which oversubscribes a VM running one process per core.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        top_k: int = 5,
+        device: str = "auto",
+        precision: str = "fp32",
+        batching: BatchSettings | None = None,
+        model_copies: int | None = None,
+        share_model_across_processes: bool = False,
+        torch_threads: int | None = None,
+    ) -> None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if model_copies is not None and model_copies < 1:
+            raise ValueError("model_copies must be >= 1")
+        if torch_threads is not None and torch_threads < 1:
+            raise ValueError("torch_threads must be >= 1")
+        batching = batching or batch_settings(batch_size=None, on_gpu=device == "cuda")
+        super().__init__(
+            **batching.as_kwargs(),
+            large_model=share_model_across_processes,
+            model_copies=model_copies,
+        )
+        self._spec = spec
+        self._top_k = top_k
+        self._device = device
+        self._precision = precision
+        self._torch_threads = torch_threads
+
+    # -- loading -------------------------------------------------------------
+
+    def cache_key(self) -> str:
+        """Identifies what `load_model` builds (for preloading)."""
+        return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
+
+    def preload(self) -> None:
+        """Start loading the model in the background (local in-process runs)."""
+        start_preload(self.cache_key(), self._load)
+
+    def load_model(self) -> LoadedT:
+        preloaded = take_preloaded(self.cache_key())
+        return preloaded if preloaded is not None else self._load()
+
+    def _torch_setup(self) -> tuple[str, Any]:
+        """Quiet progress bars, apply torch_threads; the resolved device and dtype."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if self._torch_threads:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+        return resolve_device(self._device), torch_dtype(self._precision)
+
+    def _load(self) -> LoadedT:
+        raise NotImplementedError
+
+    # -- inference -----------------------------------------------------------
+
+    def run_inference(
+        self,
+        batch: Sequence[np.ndarray],
+        model: LoadedT,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[Prediction | RowError]:
+        return isolate_failures(batch, lambda examples: self._predict(examples, model))
+
+    def _predict(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
+        """Forward pass, the model family's score function, top-k labels.
+
+        `model` carries `function` (softmax/sigmoid/none) and `id2label`.
+        """
+        logits = self.forward(batch, model)
+        scores = apply_function(logits, model.function)
+        return top_k_predictions(scores, model.id2label, self._top_k)
+
+    @staticmethod
+    def forward(batch: Sequence[np.ndarray], model: Any) -> np.ndarray:
+        """The hot path: one batch in, float32 logits (batch, labels) out."""
+        raise NotImplementedError
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        # Beam's default pickles the whole batch just to measure it.
+        return int(sum(example.nbytes for example in batch))
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
