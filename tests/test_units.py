@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -270,3 +271,75 @@ def test_decode_of_any_jpeg_prefix_is_a_row_or_an_image(cut: int) -> None:
         decode_image(data)
     except RowError as e:
         assert e.status is Status.DECODE_ERROR
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
+    """GPU readiness without a GPU: a fake forward that runs out of memory above 2 images."""
+    import torch
+
+    from transforms.handler_base import TorchHandlerBase
+    from transforms.models import ModelSpec
+    from transforms.postprocess import ClassificationFunction
+    from transforms.rows import Prediction
+
+    sizes: list[int] = []
+
+    class Loaded:
+        function = ClassificationFunction.SOFTMAX
+        id2label = {0: "a", 1: "b"}
+
+    class Fake(TorchHandlerBase[Loaded]):
+        @staticmethod
+        def forward(batch: Any, model: Any) -> np.ndarray:
+            sizes.append(len(batch))
+            if len(batch) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return np.stack([[0.0, float(x[0])] for x in batch])
+
+    handler = Fake(ModelSpec("unused"), top_k=1, device="cpu")
+    batch = [np.array([float(i % 2) * 5]) for i in range(8)]
+    results = list(handler.run_inference(batch, Loaded()))
+    assert len(results) == 8 and all(isinstance(r, Prediction) for r in results)
+    assert [r.labels[0] for r in results if isinstance(r, Prediction)] == ["a", "b"] * 4
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:
+    from transforms.handler_base import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_cuda_batches_are_pinned_and_copied_without_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GPU readiness without a GPU: record what the copy to "cuda" asks torch for."""
+    import torch
+
+    from transforms.handler_base import batch_to_device
+
+    calls: list[tuple[str, Any]] = []
+
+    def pin_memory(self: torch.Tensor) -> torch.Tensor:
+        calls.append(("pin_memory", None))
+        return self
+
+    original_to = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(("to", (args, dict(kwargs))))
+        kwargs.pop("non_blocking", None)
+        return original_to(self, *[a for a in args if a != "cuda"], **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    batch = [np.zeros((3, 4, 4), np.float32), np.ones((3, 4, 4), np.float32)]
+    out = batch_to_device(batch, "cuda", torch.float16)
+    assert calls[0] == ("pin_memory", None)
+    assert calls[1] == ("to", (("cuda",), {"dtype": torch.float16, "non_blocking": True}))
+    assert tuple(out.shape) == (2, 3, 4, 4) and out.dtype == torch.float16
+    calls.clear()
+    out = batch_to_device(batch, "cpu", torch.float32)
+    assert [name for name, _ in calls] == ["to"]  # no pinning on CPU

@@ -51,6 +51,38 @@ def torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def batch_to_device(batch: Sequence[np.ndarray], device: str, dtype: Any) -> Any:
+    """Stack a batch into one tensor on `device`.
+
+    On CUDA the host tensor is pinned and copied with `non_blocking=True`, so
+    the copy overlaps the work already queued on the GPU; on CPU the stacked
+    array is used in place (`torch.from_numpy` shares its memory).
+    """
+    import torch
+
+    tensor = torch.from_numpy(np.stack(batch))
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)
+    return tensor.to(dtype=dtype)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error."""
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class TorchHandlerBase(
     ModelHandler[np.ndarray, "Prediction | RowError", LoadedT], Generic[LoadedT]
 ):
@@ -142,7 +174,27 @@ class TorchHandlerBase(
         model: LoadedT,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[Prediction | RowError]:
-        return isolate_failures(batch, lambda examples: self._predict(examples, model))
+        return isolate_failures(batch, lambda examples: self._predict_fitting(examples, model))
+
+    def _predict_fitting(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
+        """`_predict`, halving the batch on out-of-memory until it fits.
+
+        A GPU that runs out of memory on a batch (a large model, large inputs,
+        another process on the device) must not fail the job: the halves are
+        run one after the other, down to single images. Other errors go to
+        `isolate_failures`.
+        """
+        try:
+            return self._predict(batch, model)
+        except Exception as e:
+            if len(batch) == 1 or not is_out_of_memory(e):
+                raise
+            release_cached_memory()
+            half = len(batch) // 2
+            logger.warning("Out of memory on a batch of %d; retrying in halves", len(batch))
+            return self._predict_fitting(batch[:half], model) + self._predict_fitting(
+                batch[half:], model
+            )
 
     def _predict(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
         """Forward pass, the model family's score function, top-k labels.

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms.handler_base import TorchHandlerBase
+from transforms.handler_base import TorchHandlerBase, batch_to_device
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import (
     ClassificationFunction,
@@ -111,9 +111,8 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         """The hot path: stack, one forward pass, float32 logits back on the host."""
         import torch
 
-        pixel_values = torch.from_numpy(np.stack(batch))
         with torch.inference_mode():
-            pixel_values = pixel_values.to(model.device, dtype=model.dtype)
+            pixel_values = batch_to_device(batch, model.device, model.dtype)
             if model.memory_format is not None:
                 pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
             logits = model.model(pixel_values=pixel_values).logits

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms.handler_base import TorchHandlerBase
+from transforms.handler_base import TorchHandlerBase, batch_to_device
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import ClassificationFunction
 
@@ -234,9 +234,8 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
         """The hot path: image tower, normalize, one product with the label bank."""
         import torch
 
-        pixel_values = torch.from_numpy(np.stack(batch))
         with torch.inference_mode():
-            pixel_values = pixel_values.to(model.device, dtype=model.dtype)
+            pixel_values = batch_to_device(batch, model.device, model.dtype)
             embeds = _features(model.model.get_image_features(pixel_values=pixel_values)).float()
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias
