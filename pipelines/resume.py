@@ -22,7 +22,7 @@ from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
 from transforms.rows import ImageRow
-from transforms.sources import InputPlan
+from transforms.sources import InputPlan, with_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ IDENTITY_KEYS = (
 def previous_shards(directory: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(directory)
     pattern = posixpath.join(root, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
-    found = sorted(fs.glob(pattern))
-    proto = directory.split("://", 1)[0] if "://" in directory else None
-    return [f"{proto}://{p}" if proto and "://" not in p else p for p in found]
+    return [with_protocol(directory, p) for p in sorted(fs.glob(pattern))]
 
 
 def check_previous_output(

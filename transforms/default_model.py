@@ -11,10 +11,12 @@ like any hub model. No network is needed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +44,30 @@ def _weights_path() -> Path:
     return Path(pkg.__file__).parent / "models" / _WEIGHTS_FILE
 
 
+def build_cached_dir(target: Path, build: Callable[[Path], None], *, ready: str) -> Path:
+    """`target`, built once by `build(tmp_dir)` unless `target/ready` already exists.
+
+    The directory is built in a temp dir beside it and renamed into place, so
+    concurrent processes on one machine never see a half-written one; when two
+    race, the loser's copy is dropped (the winner's is complete).
+    """
+    if (target / ready).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        build(tmp)
+        with contextlib.suppress(OSError):
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def default_model_dir() -> Path:
     """The converted default model directory, converting it on first use."""
     target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-v{_CONVERSION_VERSION}"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a temp dir and rename it into place, so concurrent workers on
-    # one machine never see a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        convert_default_model(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; its copy is complete
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached_dir(target, convert_default_model, ready="model.safetensors")
 
 
 def convert_default_model(out_dir: Path) -> None:

@@ -239,14 +239,7 @@ class Fetcher:
         """
         uri = check_uri(uri, self.options)
         if scheme_of(uri) in ("http", "https"):
-            loop = self._ensure_loop()
-            future = asyncio.run_coroutine_threadsafe(self._fetch_http(uri), loop)
-            try:
-                return future.result()
-            except RowError:
-                raise
-            except Exception as e:  # a bug in the async path must still be a row
-                raise classify_fetch_error(uri, e) from e
+            return self.fetch_async(uri).result()
         with self._sync_slots:
             return self._with_retries(uri, lambda: self._fetch_fsspec(uri))
 

@@ -183,10 +183,15 @@ class FetchDecodePreprocess(beam.DoFn):
     def _submit(self, row: ImageRow) -> Future[np.ndarray]:
         """Start one row: remote bytes are fetched off the decode threads first."""
         scheme = scheme_of(row.uri) if row.uri else "file"
-        if row.error is not None or row.image is not None or scheme == "file":
+        # Rows with nothing to download (inline images, local files, rows that
+        # will be invalid_input) go straight to a decode thread.
+        if (
+            row.error is not None
+            or row.image is not None
+            or scheme == "file"
+            or scheme not in self._fetch.allowed_schemes
+        ):
             return self._decode_pool.submit(self.load, row)
-        if scheme not in self._fetch.allowed_schemes:
-            return self._decode_pool.submit(self.load, row)  # becomes invalid_input
         if scheme in ("http", "https"):
             fetched = self._fetcher.fetch_async(row.uri or "")
         else:

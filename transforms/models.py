@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transforms.default_model import cache_root, default_model_dir
+from transforms.default_model import build_cached_dir, cache_root, default_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -52,25 +49,16 @@ def _copy_remote_dir(uri: str) -> Path:
     """Copy a remote model directory once into the local cache."""
     import fsspec
 
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    target = cache_root() / "remote-models" / key
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
-    try:
+    def copy(tmp: Path) -> None:
         fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
         if not fs.exists(root):
             raise ModelLoadError(f"model directory {uri} does not exist")
         fs.get(root + "/", str(tmp) + "/", recursive=True)
         if not (tmp / "config.json").exists():
             raise ModelLoadError(f"{uri} has no config.json; is it a transformers model dir?")
-        # Another process may have copied it first; its copy is complete.
-        with contextlib.suppress(OSError):
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return build_cached_dir(cache_root() / "remote-models" / key, copy, ready="config.json")
 
 
 def resolve_model(spec: ModelSpec) -> str:

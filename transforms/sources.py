@@ -98,8 +98,8 @@ def _protocol(path: str) -> str:
     return path.split("://", 1)[0].lower() if "://" in path else "file"
 
 
-def _unstrip(fs: fsspec.AbstractFileSystem, original: str, found: str) -> str:
-    """fsspec globs drop the protocol of remote paths; put it back."""
+def with_protocol(original: str, found: str) -> str:
+    """fsspec globs drop the protocol of remote paths; put `original`'s back."""
     proto = _protocol(original)
     if proto == "file" or "://" in found:
         return found
@@ -126,7 +126,7 @@ def match_files(pattern: str) -> list[str]:
         raise InputError(f"--input {pattern} does not exist")
     if not found:
         raise InputError(f"--input {pattern} matches no files")
-    return sorted(_unstrip(fs, pattern, p) for p in found)
+    return sorted(with_protocol(pattern, p) for p in found)
 
 
 def _read_head(path: str, limit: int | None = None) -> bytes:
