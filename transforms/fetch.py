@@ -22,7 +22,6 @@ import random
 import socket
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -204,7 +203,6 @@ class Fetcher:
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._sync_slots = threading.BoundedSemaphore(self.options.concurrency)
-        self.attempts: dict[str, int] = defaultdict(int)  # retries per error code, for logs
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -267,7 +265,7 @@ class Fetcher:
                 status = _http_status(e)
                 if attempt >= self.options.retries or not is_transient(error, status):
                     raise error from e
-                self.attempts[error.code.value] += 1
+                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
                 time.sleep(backoff_delay(attempt, self.options))
                 attempt += 1
 
@@ -309,7 +307,7 @@ class Fetcher:
                 error = http_error(uri, e.status)
                 if attempt >= self.options.retries:
                     raise error from None
-                self.attempts[error.code.value] += 1
+                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
                 await asyncio.sleep(backoff_delay(attempt, self.options, e.retry_after))
             except RowError:
                 raise
@@ -317,7 +315,7 @@ class Fetcher:
                 error = classify_fetch_error(uri, e)
                 if attempt >= self.options.retries or not is_transient(error):
                     raise error from e
-                self.attempts[error.code.value] += 1
+                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
                 await asyncio.sleep(backoff_delay(attempt, self.options))
             attempt += 1
 
