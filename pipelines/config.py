@@ -20,7 +20,7 @@ import yaml
 
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.fetch import DEFAULT_ALLOWED_SCHEMES
-from transforms.handler_base import DEVICES, PRECISIONS
+from transforms.handler_base import DEVICES, PRECISIONS, QUANTIZATIONS, check_quantize
 from transforms.postprocess import ClassificationFunction
 from transforms.sources import FORMATS
 
@@ -171,7 +171,7 @@ OPTIONS: tuple[Option, ...] = (
         "default|softmax|sigmoid|none, as in transformers",
     ),
     Option(
-        "batch_size", _positive_int, "images per forward pass (default 16 on CPU, 64 on GPU)", "N"
+        "batch_size", _positive_int, "images per forward pass (default 8 on CPU, 64 on GPU)", "N"
     ),
     Option(
         "min_batch_size", _positive_int, "let BatchElements emit batches down to this size", "N"
@@ -184,6 +184,17 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("device", _choice(DEVICES), "auto|cpu|cuda; auto = cuda when available"),
     Option("precision", _choice(PRECISIONS), "fp32|fp16|bf16 (fp16 needs a GPU)"),
+    Option(
+        "compile",
+        _bool,
+        "torch.compile the forward pass in the background; eager until it is ready",
+        is_switch=True,
+    ),
+    Option(
+        "quantize",
+        _choice(QUANTIZATIONS),
+        "none|int8: dynamic int8 Linear layers on CPU (transformers like ViT)",
+    ),
     Option(
         "model_copies", _positive_int, "models per worker machine, shared across its processes", "N"
     ),
@@ -250,6 +261,8 @@ class JobConfig:
     model_copies: int | None = None
     share_model_across_processes: bool = False
     torch_threads: int | None = None
+    compile: bool = False
+    quantize: str = "none"
     num_shards: int = 0
     overwrite: bool = False
     skip_existing: str | None = None
@@ -382,6 +395,10 @@ def validate(config: JobConfig) -> None:
     """Reject contradictory options."""
     if config.precision == "fp16" and config.device == "cpu":
         raise ConfigError("--precision fp16 needs a GPU; use --precision bf16 or fp32 on CPU")
+    try:
+        check_quantize(config.quantize, config.device, config.precision)
+    except ValueError as e:
+        raise ConfigError(f"--quantize: {e}") from e
     if (
         config.batch_size is not None
         and config.min_batch_size is not None

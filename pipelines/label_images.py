@@ -167,6 +167,8 @@ def labeling_spec(config: JobConfig, labels: tuple[str, ...] | None) -> Labeling
         model_copies=config.model_copies,
         share_model_across_processes=config.share_model_across_processes,
         torch_threads=config.torch_threads,
+        compile=config.compile,
+        quantize=config.quantize,
         allow_pickle_weights=config.allow_pickle_weights,
         fetch=FetchOptions(
             allowed_schemes=config.allowed_schemes,

@@ -21,7 +21,7 @@ from PIL import Image
 from transforms.batching import batch_settings
 from transforms.errors import ErrorCode, RowError
 from transforms.fetch import Fetcher, FetchOptions
-from transforms.handler_base import DEVICES, PRECISIONS
+from transforms.handler_base import DEVICES, PRECISIONS, check_quantize
 from transforms.image_classification import ImageClassificationModelHandler
 from transforms.label import DecodeOptions, LabelImageRows, LabelingOptions, load_pixel_values
 from transforms.models import ModelSpec
@@ -58,6 +58,8 @@ class LabelingSpec:
     model_copies: int | None = None
     share_model_across_processes: bool = False
     torch_threads: int | None = None
+    compile: bool = False
+    quantize: str = "none"
     allow_pickle_weights: bool = False
     fetch: FetchOptions = field(default_factory=FetchOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
@@ -88,6 +90,7 @@ class LabelingSpec:
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        check_quantize(self.quantize, self.device, self.precision)
         if self.task == ZERO_SHOT:
             self.label_set  # noqa: B018 - validates labels and templates
             if self.function_to_apply != "default":
@@ -118,6 +121,8 @@ class LabelingSpec:
             "model_copies": self.model_copies,
             "share_model_across_processes": self.share_model_across_processes,
             "torch_threads": self.torch_threads,
+            "compile": self.compile,
+            "quantize": self.quantize,
         }
         if self.task == ZERO_SHOT:
             return ZeroShotModelHandler(self.model_spec, self.label_set, **common)
@@ -254,6 +259,8 @@ class LabelImages(beam.PTransform):
         batch_size: int | None = None,
         model_copies: int | None = None,
         share_model_across_processes: bool = False,
+        compile: bool = False,
+        quantize: str = "none",
         allow_pickle_weights: bool = False,
         fetch: FetchOptions | None = None,
         decode: DecodeOptions | None = None,
@@ -274,6 +281,8 @@ class LabelImages(beam.PTransform):
             batch_size=batch_size,
             model_copies=model_copies,
             share_model_across_processes=share_model_across_processes,
+            compile=compile,
+            quantize=quantize,
             allow_pickle_weights=allow_pickle_weights,
             fetch=fetch or FetchOptions(),
             decode=decode or DecodeOptions(),

@@ -10,13 +10,14 @@ isolation of inference failures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.batching import BatchSettings, batch_settings
+from transforms.compiled import CompiledForward
 from transforms.errors import RowError
 from transforms.inference import isolate_failures, start_preload, take_preloaded
 from transforms.models import ModelSpec
@@ -26,6 +27,7 @@ from transforms.rows import Prediction
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZATIONS = ("none", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 METRICS_NAMESPACE = "image_labeler"
 
@@ -66,6 +68,37 @@ def batch_to_device(batch: Sequence[np.ndarray], device: str, dtype: Any) -> Any
     return tensor.to(dtype=dtype)
 
 
+def check_quantize(quantize: str, device: str, precision: str) -> None:
+    """Reject a quantization that cannot run with this device and precision."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    if quantize != "none" and device == "cuda":
+        raise ValueError("quantize int8 runs on CPU only; use --precision fp16 on a GPU")
+    if quantize != "none" and precision != "fp32":
+        raise ValueError("quantize int8 needs --precision fp32 (it quantizes fp32 weights)")
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantization of every `nn.Linear` (weights int8, activations
+    quantized per batch): for transformers (ViT, CLIP) on CPU, where Linear
+    layers are nearly all of the compute. Convolutions stay fp32.
+    """
+    import warnings
+
+    import torch
+
+    quantize_dynamic = getattr(torch.ao.quantization, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic; "
+            "run without --quantize"
+        )
+    with warnings.catch_warnings():
+        # Deprecated in favour of torchao, still present and working in the pinned torch.
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error."""
     import torch
@@ -100,6 +133,10 @@ class TorchHandlerBase(
             `model_copies` (large models).
         torch_threads: torch intra-op threads; None keeps torch's default (all
             cores), which oversubscribes a VM running one process per core.
+        compile: compile the forward pass with `torch.compile` in the
+            background and switch to it once ready (`transforms.compiled`).
+        quantize: "int8" quantizes the model's Linear layers to int8 with
+            dynamic activation scales (CPU only); "none" keeps the precision.
     """
 
     def __init__(
@@ -113,6 +150,8 @@ class TorchHandlerBase(
         model_copies: int | None = None,
         share_model_across_processes: bool = False,
         torch_threads: int | None = None,
+        compile: bool = False,
+        quantize: str = "none",
     ) -> None:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -126,6 +165,7 @@ class TorchHandlerBase(
             raise ValueError("model_copies must be >= 1")
         if torch_threads is not None and torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        check_quantize(quantize, device, precision)
         batching = batching or batch_settings(batch_size=None, on_gpu=device == "cuda")
         super().__init__(
             **batching.as_kwargs(),
@@ -137,6 +177,9 @@ class TorchHandlerBase(
         self._device = device
         self._precision = precision
         self._torch_threads = torch_threads
+        self._compile = compile
+        self._quantize = quantize
+        self._batch_size = batching.max_batch_size
 
     # -- loading -------------------------------------------------------------
 
@@ -165,6 +208,18 @@ class TorchHandlerBase(
 
     def _load(self) -> LoadedT:
         raise NotImplementedError
+
+    def _optimize(self, model: Any, device: str) -> Any:
+        """Apply `quantize` to a loaded model (in eval mode, on its device)."""
+        if self._quantize == "none":
+            return model
+        if device != "cpu":
+            raise ValueError(f"quantize={self._quantize!r} runs on CPU only, not on {device}")
+        return quantize_int8(model)
+
+    def _forward_fn(self, fn: Callable[[Any], Any]) -> CompiledForward:
+        """The batch forward function, compiled in the background if `compile`."""
+        return CompiledForward(fn, batch_size=self._batch_size, enabled=self._compile)
 
     # -- inference -----------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from transforms.compiled import CompiledForward
 from transforms.handler_base import TorchHandlerBase, batch_to_device
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import (
@@ -45,6 +46,8 @@ class LoadedClassifier:
     id2label: dict[int, str]
     function: ClassificationFunction
     memory_format: Any = None  # torch.channels_last for convolutional models
+    #: pixel_values -> logits: the model, or its compiled twin once ready.
+    logits: CompiledForward | None = None
 
 
 class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
@@ -66,7 +69,8 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         spec: which model to load.
         function_to_apply: "default", "softmax", "sigmoid" or "none".
         options: `top_k`, `device`, `precision`, `batching`, `model_copies`,
-            `share_model_across_processes`, `torch_threads`, as documented on
+            `share_model_across_processes`, `torch_threads`, `compile`,
+            `quantize`, as documented on
             `TorchHandlerBase` (keyword-only; an unknown one is a TypeError).
     """
 
@@ -95,6 +99,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
+        model = self._optimize(model, device)
         config = model.config
         id2label = {int(k): str(v) for k, v in config.id2label.items()}
         return LoadedClassifier(
@@ -104,6 +109,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
             id2label=id2label,
             function=resolve_function(self._function, config),
             memory_format=memory_format,
+            logits=self._forward_fn(lambda x: model(pixel_values=x).logits),
         )
 
     @staticmethod
@@ -115,5 +121,8 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
             pixel_values = batch_to_device(batch, model.device, model.dtype)
             if model.memory_format is not None:
                 pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
-            logits = model.model(pixel_values=pixel_values).logits
+            if model.logits is not None:
+                logits = model.logits(pixel_values)
+            else:
+                logits = model.model(pixel_values=pixel_values).logits
         return np.asarray(logits.float().cpu().numpy())

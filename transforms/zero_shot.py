@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from transforms.compiled import CompiledForward
 from transforms.handler_base import TorchHandlerBase, batch_to_device
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import ClassificationFunction
@@ -114,6 +115,8 @@ class LoadedZeroShot:
     logit_bias: float
     function: ClassificationFunction
     id2label: dict[int, str]
+    #: pixel_values -> image embeddings: the image tower, or its compiled twin once ready.
+    image_features: CompiledForward | None = None
 
 
 def encode_label_bank(
@@ -174,7 +177,8 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
         label_set: candidate labels and hypothesis templates.
         text_batch_size: prompts per text-tower pass while building the bank.
         options: `top_k`, `device`, `precision`, `batching`, `model_copies`,
-            `share_model_across_processes`, `torch_threads`, as documented on
+            `share_model_across_processes`, `torch_threads`, `compile`,
+            `quantize`, as documented on
             `TorchHandlerBase` (keyword-only; an unknown one is a TypeError).
     """
 
@@ -207,6 +211,8 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
         check_dual_encoder(model, self._spec.model)
         model.eval().to(device)
         bank = encode_label_bank(model, tokenizer, self._label_set, device, self._text_batch_size)
+        # After the bank: the label embeddings stay exact, only the image tower is quantized.
+        model = self._optimize(model, device)
         model_type = model.config.model_type
         bias = getattr(model, "logit_bias", None)
         logger.info(
@@ -227,6 +233,9 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
                 else ClassificationFunction.SOFTMAX
             ),
             id2label=dict(enumerate(self._label_set.labels)),
+            image_features=self._forward_fn(
+                lambda x: _features(model.get_image_features(pixel_values=x))
+            ),
         )
 
     @staticmethod
@@ -236,7 +245,11 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
 
         with torch.inference_mode():
             pixel_values = batch_to_device(batch, model.device, model.dtype)
-            embeds = _features(model.model.get_image_features(pixel_values=pixel_values)).float()
+            if model.image_features is not None:
+                embeds = model.image_features(pixel_values).float()
+            else:
+                embeds = _features(model.model.get_image_features(pixel_values=pixel_values))
+                embeds = embeds.float()
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias
         return np.asarray(logits.cpu().numpy())
