@@ -343,3 +343,48 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
     calls.clear()
     out = batch_to_device(batch, "cpu", torch.float32)
     assert [name for name, _ in calls] == ["to"]  # no pinning on CPU
+
+
+# -- local runner -----------------------------------------------------------------
+
+
+def test_local_runs_default_to_two_worker_threads() -> None:
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from pipelines.runner import LOCAL_WORKERS, in_process, make_runner
+
+    options = PipelineOptions([])
+    assert make_runner(options) is not None
+    direct = options.view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (
+        LOCAL_WORKERS,
+        "multi_threading",
+    )
+    assert in_process(options)  # threads share one preloaded model
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--direct_num_workers", "1"], ["--direct_running_mode", "multi_processing"]],
+)
+def test_explicit_direct_options_are_kept(args: list[str]) -> None:
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from pipelines.runner import make_runner
+
+    options = PipelineOptions(args)
+    make_runner(options)
+    direct = options.view_as(DirectOptions)
+    given = PipelineOptions(args).view_as(DirectOptions)
+    assert direct.direct_num_workers == given.direct_num_workers
+    assert direct.direct_running_mode == given.direct_running_mode
+
+
+def test_dataflow_runs_are_left_to_beam() -> None:
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from pipelines.runner import make_runner
+
+    options = PipelineOptions(["--runner", "DataflowRunner"])
+    assert make_runner(options) is None
+    assert options.view_as(DirectOptions).direct_num_workers == 1
