@@ -11,14 +11,17 @@ For each model, on the same N corpus images (real photos at mixed sizes, see
   (c) the model's forward pass alone on pre-decoded, preprocessed tensors at
       its best batch size and memory format: the compute limit;
 
-the ratios a/b and a/c, and the peak RSS of (a). `--scale` also runs (a) at 10x
-the images and prints the ratio of peak RSS.
+the ratios a/b and a/c, and the peak RSS of (a). Then the optional levers, each
+measured the same way: (a) with `--compile` against (c) compiled the same way
+(torch.compile, freezing), and (a) with `--quantize int8` with its top-1
+agreement with fp32 (a) on the same images. `--scale` also runs (a) at 10x the
+images and prints the ratio of peak RSS.
 
 Models: MobileNetV2 and ViT-B/16 built from transformers configs with random
 weights (same compute as pretrained), and the default EfficientNet-Lite0.
 
 Usage: python -m benchmarks.throughput [--models mobilenet_v2,vit_b16,default]
-           [--images 400] [--vit-images 80] [--scale]
+           [--images 400] [--vit-images 80] [--levers compile,int8] [--scale]
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ class JobRun:
     images_per_s: float
     peak_rss_mb: float
     ok: int
+    labels: dict[str, str]  # uri -> top-1 label
+
+
+def agreement(run: JobRun, reference: JobRun) -> float:
+    """Share of images whose top-1 label equals the reference run's."""
+    same = sum(1 for uri, label in reference.labels.items() if run.labels.get(uri) == label)
+    return same / max(len(reference.labels), 1)
 
 
 _RUNNER = """
@@ -127,10 +137,18 @@ def run_ours(model: str, manifest: Path, extra: list[str]) -> JobRun:
         if line.startswith("BENCH_PEAK_RSS_KB")
     )
     summary = json.loads((out / "summary.json").read_text())
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(sorted(str(p) for p in out.glob("part-*.parquet"))).read(
+        columns=["uri", "label"]
+    )
     return JobRun(
         images_per_s=summary["rows_by_status"]["ok"] / summary["wall_time_s"],
         peak_rss_mb=peak_kb / 1024.0,
         ok=summary["rows_by_status"]["ok"],
+        labels=dict(
+            zip(table.column("uri").to_pylist(), table.column("label").to_pylist(), strict=True)
+        ),
     )
 
 
@@ -148,12 +166,19 @@ def run_seed(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[flo
     return best
 
 
-def run_forward(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[float, str]:
-    """(c): forward pass alone on preprocessed tensors, best batch size and format."""
+def run_forward(
+    model: str, paths: list[Path], batch_sizes: list[int], compiled: bool = False
+) -> tuple[float, str]:
+    """(c): forward pass alone on preprocessed tensors, best batch size and format.
+
+    `compiled` measures the same with torch.compile as `--compile` does it
+    (compile time excluded), the compute limit for (a) with `--compile`.
+    """
     import numpy as np
     import torch
     from transformers import AutoModelForImageClassification
 
+    from transforms.compiled import CompiledForward
     from transforms.decode import decode_image
     from transforms.models import ModelSpec
     from transforms.preprocess import ImagePreprocessor
@@ -164,6 +189,8 @@ def run_forward(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[
     net = AutoModelForImageClassification.from_pretrained(model).eval()
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     formats = ["contiguous", "channels_last"] if has_conv else ["contiguous"]
+    if compiled:  # as the handler runs it: channels_last for CNNs
+        formats = formats[-1:]
     best = (0.0, "")
     for fmt in formats:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -175,15 +202,30 @@ def run_forward(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[
                 torch.from_numpy(pixels[i : i + batch_size]).contiguous(memory_format=memory_format)
                 for i in range(0, len(pixels) - batch_size + 1, batch_size)
             ]
+
+            def logits(x: Any, net: Any = net) -> Any:
+                return net(pixel_values=x).logits
+
+            forward = CompiledForward(
+                logits,
+                batch_size=batch_size,
+                enabled=compiled,
+                background=False,
+            )
             with torch.inference_mode():
-                net(pixel_values=batches[0])  # warm-up
+                forward(batches[0])  # warm-up (and compile)
                 done, start = 0, time.perf_counter()
                 while done < 2 * len(pixels) or time.perf_counter() - start < 4.0:
-                    net(pixel_values=batches[(done // batch_size) % len(batches)])
+                    forward(batches[(done // batch_size) % len(batches)])
                     done += batch_size
             rate = done / (time.perf_counter() - start)
             best = max(best, (rate, f"{fmt}, batch {batch_size}"))
     return best
+
+
+def limit_batch(limit: tuple[float, str]) -> int:
+    """The batch size (c) found best, from its description."""
+    return int(limit[1].rsplit("batch", 1)[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         "--scale", action="store_true", help="also run (a) at 10x the images and compare peak RSS"
     )
     parser.add_argument("--extra", default="", help="extra label-images flags for (a)")
+    parser.add_argument(
+        "--levers",
+        default="compile,int8",
+        help="optional levers to measure: compile (CNNs), int8 (transformers and the default)",
+    )
     args = parser.parse_args(argv)
     print(f"Machine: {describe_machine()}")
     bench = cache_root() / "bench"
@@ -223,6 +270,27 @@ def main(argv: list[str] | None = None) -> None:
             ("a / b", f"{ours.images_per_s / seed[0]:7.2f}"),
             ("a / c", f"{ours.images_per_s / limit[0]:7.2f}"),
         ]
+        levers = set(filter(None, args.levers.split(",")))
+        if "compile" in levers and name != "vit_b16":
+            fast = run_ours(model, manifest, [*extra, "--compile"])
+            fast_limit = run_forward(model, paths, [limit_batch(limit)], compiled=True)
+            rows += [
+                (
+                    "(a) ours --compile",
+                    f"{fast.images_per_s:7.2f} images/s (compiled in the background)",
+                ),
+                ("(c) compiled forward only", f"{fast_limit[0]:7.2f} images/s ({fast_limit[1]})"),
+                ("a --compile / b", f"{fast.images_per_s / seed[0]:7.2f}"),
+                ("a --compile / c compiled", f"{fast.images_per_s / fast_limit[0]:7.2f}"),
+            ]
+        if "int8" in levers and name != "mobilenet_v2":
+            small = run_ours(model, manifest, [*extra, "--quantize", "int8"])
+            rows += [
+                ("(a) ours --quantize int8", f"{small.images_per_s:7.2f} images/s"),
+                ("a int8 / b", f"{small.images_per_s / seed[0]:7.2f}"),
+                ("a int8 / c (fp32)", f"{small.images_per_s / limit[0]:7.2f}"),
+                ("top-1 agreement int8 vs fp32", f"{100 * agreement(small, ours):6.1f} %"),
+            ]
         print(f"\n{name}, {count} corpus images:")
         print(table(rows))
         results.append((name, ours, seed, limit))
