@@ -171,7 +171,7 @@ OPTIONS: tuple[Option, ...] = (
         "default|softmax|sigmoid|none, as in transformers",
     ),
     Option(
-        "batch_size", _positive_int, "images per forward pass (default 8 on CPU, 64 on GPU)", "N"
+        "batch_size", _positive_int, "images per forward pass (default 4 on CPU, 64 on GPU)", "N"
     ),
     Option(
         "min_batch_size", _positive_int, "let BatchElements emit batches down to this size", "N"

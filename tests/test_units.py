@@ -112,7 +112,7 @@ def test_row_error_status() -> None:
 
 
 def test_batch_settings() -> None:
-    assert batch_settings(batch_size=None, on_gpu=False).max_batch_size == 8
+    assert batch_settings(batch_size=None, on_gpu=False).max_batch_size == 4
     assert batch_settings(batch_size=None, on_gpu=True).max_batch_size == 64
     fixed = batch_settings(batch_size=8, on_gpu=False)
     assert fixed.as_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}

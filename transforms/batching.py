@@ -11,8 +11,10 @@ from typing import Any
 
 #: Images per forward pass when `--batch-size` is not given. On CPU, small
 #: batches keep a CNN's activations in cache: MobileNetV2 in channels_last on 2
-#: cores ran ~87 images/s at batch 8, ~58 at 16 and ~43 at 32 (see benchmarks/).
-DEFAULT_CPU_BATCH_SIZE = 8
+#: cores ran ~87 images/s at batch 8, ~58 at 16 and ~43 at 32 (see benchmarks/);
+#: batch 4 beat 8 end to end (MobileNetV2 55 vs 45 images/s, EfficientNet-Lite0
+#: 73 vs 56, ViT-B/16 the same), and 2 was slower again (52).
+DEFAULT_CPU_BATCH_SIZE = 4
 DEFAULT_GPU_BATCH_SIZE = 64
 
 
