@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,13 +66,6 @@ def _count_ok(output: str) -> int:
 
 def fresh_output() -> str:
     return tempfile.mkdtemp(prefix="bench-out-")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process and its finished children, in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024.0
 
 
 def describe_machine() -> str:
