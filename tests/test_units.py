@@ -277,7 +277,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
     """GPU readiness without a GPU: a fake forward that runs out of memory above 2 images."""
     import torch
 
-    from transforms.handler_base import TorchHandlerBase
+    from transforms.handler_base import TorchHandlerBase, to_predictions
     from transforms.models import ModelSpec
     from transforms.postprocess import ClassificationFunction
     from transforms.rows import Prediction
@@ -287,6 +287,9 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
     class Loaded:
         function = ClassificationFunction.SOFTMAX
         id2label = {0: "a", 1: "b"}
+
+        def __call__(self, batch: Any, top_k: int) -> list[Prediction]:
+            return to_predictions(Fake.forward(batch, self), self.function, self.id2label, top_k)
 
     class Fake(TorchHandlerBase[Loaded]):
         @staticmethod

@@ -99,6 +99,14 @@ def quantize_int8(model: Any) -> Any:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def to_predictions(
+    logits: np.ndarray, function: Any, id2label: dict[int, str], top_k: int
+) -> list[Prediction]:
+    """Score function and top-k labels of a batch's logits (what a loaded model's
+    `__call__(batch, top_k)` returns)."""
+    return top_k_predictions(apply_function(logits, function), id2label, top_k)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error."""
     import torch
@@ -254,11 +262,13 @@ class TorchHandlerBase(
     def _predict(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
         """Forward pass, the model family's score function, top-k labels.
 
-        `model` carries `function` (softmax/sigmoid/none) and `id2label`.
+        One call of the loaded model (`model(batch, top_k)`, see `to_predictions`):
+        with `model_copies` or `share_model_across_processes`, `model` is a
+        proxy of a model living in another process, and a proxy passes calls,
+        not attribute reads. So the whole prediction runs where the model is,
+        and only the batch and the `Prediction`s cross over.
         """
-        logits = self.forward(batch, model)
-        scores = apply_function(logits, model.function)
-        return top_k_predictions(scores, model.id2label, self._top_k)
+        return list(model(batch, self._top_k))
 
     @staticmethod
     def forward(batch: Sequence[np.ndarray], model: Any) -> np.ndarray:

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device
+from transforms.handler_base import TorchHandlerBase, batch_to_device, to_predictions
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import (
     ClassificationFunction,
     resolve_function,
 )
+from transforms.rows import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class LoadedClassifier:
     memory_format: Any = None  # torch.channels_last for convolutional models
     #: pixel_values -> logits: the model, or its compiled twin once ready.
     logits: CompiledForward | None = None
+
+    def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
+        """The whole prediction for a batch, run where the model lives."""
+        logits = ImageClassificationModelHandler.forward(batch, self)
+        return to_predictions(logits, self.function, self.id2label, top_k)
 
 
 class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device
+from transforms.handler_base import TorchHandlerBase, batch_to_device, to_predictions
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
 from transforms.postprocess import ClassificationFunction
+from transforms.rows import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class LoadedZeroShot:
     id2label: dict[int, str]
     #: pixel_values -> image embeddings: the image tower, or its compiled twin once ready.
     image_features: CompiledForward | None = None
+
+    def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
+        """The whole prediction for a batch, run where the model lives."""
+        logits = ZeroShotModelHandler.forward(batch, self)
+        return to_predictions(logits, self.function, self.id2label, top_k)
 
 
 def encode_label_bank(
