@@ -10,6 +10,7 @@ model per worker does (the GPU config, `configs/dataflow-gpu.yaml`, uses
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,20 @@ def test_a_shared_model_labels_every_row_as_a_private_one(
     assert shared["labels"] == private["labels"]
     for mine, theirs in zip(shared["scores"], private["scores"], strict=True):
         assert mine == pytest.approx(theirs, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "preloads"),
+    [({}, True), ({"model_copies": 1}, False), ({"share_model_across_processes": True}, False)],
+)
+def test_a_shared_model_is_not_preloaded_in_the_launcher(
+    tiny_vit: Path, options: dict[str, Any], preloads: bool
+) -> None:
+    """RunInference loads a shared model in its own server process; a launcher copy is waste."""
+    from transforms.image_classification import ImageClassificationModelHandler
+    from transforms.inference import take_preloaded
+    from transforms.models import ModelSpec
+
+    handler = ImageClassificationModelHandler(ModelSpec(str(tiny_vit)), device="cpu", **options)
+    handler.preload()
+    assert (take_preloaded(handler.cache_key()) is not None) == preloads

@@ -196,7 +196,13 @@ class TorchHandlerBase(
         return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
 
     def preload(self) -> None:
-        """Start loading the model in the background (local in-process runs)."""
+        """Start loading the model in the background (local in-process runs).
+
+        Not for a model shared across processes: RunInference loads that one in
+        a server process of its own, so a copy loaded here would go unused.
+        """
+        if self.share_model_across_processes():
+            return
         start_preload(self.cache_key(), self._load)
 
     def load_model(self) -> LoadedT:
