@@ -83,6 +83,16 @@ def real_photo(name: str) -> Image.Image:
     return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 
+def real_thumbnails(max_side: int) -> list[Image.Image]:
+    """Four real photos (a cat, coffee, a person, a rocket), shrunk to `max_side`."""
+    images = []
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        image = real_photo(name)
+        image.thumbnail((max_side, max_side))
+        images.append(image)
+    return images
+
+
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photos at small sizes, as JPEG and PNG files."""

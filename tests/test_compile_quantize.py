@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_output, real_photo, run_job
+from tests.conftest import read_output, real_thumbnails, run_job
 from transforms.compiled import CompiledForward
 from transforms.image_classification import ImageClassificationModelHandler
 from transforms.models import ModelSpec
@@ -58,12 +58,7 @@ def tiny_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    images = []
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        image = real_photo(name)
-        image.thumbnail((96, 96))
-        images.append(image)
-    return images
+    return real_thumbnails(96)
 
 
 def _seed(model_dir: Path, images: list[Image.Image]) -> list[list[dict[str, Any]]]:

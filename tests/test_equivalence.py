@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import real_photo
+from tests.conftest import real_thumbnails
 from transforms.decode import decode_image
 from transforms.fetch import FetchOptions, fetch_bytes
 from transforms.image_classification import ImageClassificationModelHandler
@@ -50,12 +50,7 @@ def _assert_same(ours: list[Prediction], seed: list[list[dict[str, Any]]]) -> No
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    images = []
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        image = real_photo(name)
-        image.thumbnail((120, 120))
-        images.append(image)
-    return images
+    return real_thumbnails(120)
 
 
 @pytest.mark.parametrize("function_to_apply", ["default", "softmax", "sigmoid", "none"])

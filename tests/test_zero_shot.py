@@ -15,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from tests.conftest import real_photo
+from tests.conftest import real_thumbnails
 from transforms.batching import batch_settings
 from transforms.label import LabelImageRows
 from transforms.models import ModelSpec
@@ -28,12 +28,7 @@ LABELS = ("cat", "dog", "car", "coffee cup", "rocket", "astronaut")
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    images = []
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        image = real_photo(name)
-        image.thumbnail((100, 100))
-        images.append(image)
-    return images
+    return real_thumbnails(100)
 
 
 def _ours(model_dir: Path, images: list[Image.Image], label_set: LabelSet, top_k: int) -> list:
