@@ -174,7 +174,7 @@ def run_seed(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[flo
 
 def run_forward(
     model: str, paths: list[Path], batch_sizes: list[int], compiled: bool = False
-) -> tuple[float, str]:
+) -> tuple[float, str, int]:
     """(c): forward pass alone on preprocessed tensors, best batch size and format.
 
     `compiled` measures the same with torch.compile as `--compile` does it
@@ -186,6 +186,7 @@ def run_forward(
 
     from transforms.compiled import CompiledForward
     from transforms.decode import decode_image
+    from transforms.image_classification import preferred_memory_format
     from transforms.models import ModelSpec
     from transforms.preprocess import ImagePreprocessor
 
@@ -195,9 +196,9 @@ def run_forward(
     net = AutoModelForImageClassification.from_pretrained(model).eval()
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     formats = ["contiguous", "channels_last"] if has_conv else ["contiguous"]
-    if compiled:  # as the handler runs it: channels_last for CNNs
-        formats = formats[-1:]
-    best = (0.0, "")
+    if compiled:  # the memory format the handler picks
+        formats = ["channels_last" if preferred_memory_format(net) is not None else "contiguous"]
+    best = (0.0, "", 0)
     for fmt in formats:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         net = net.to(memory_format=memory_format)
@@ -225,13 +226,8 @@ def run_forward(
                     forward(batches[(done // batch_size) % len(batches)])
                     done += batch_size
             rate = done / (time.perf_counter() - start)
-            best = max(best, (rate, f"{fmt}, batch {batch_size}"))
+            best = max(best, (rate, f"{fmt}, batch {batch_size}", batch_size))
     return best
-
-
-def limit_batch(limit: tuple[float, str]) -> int:
-    """The batch size (c) found best, from its description."""
-    return int(limit[1].rsplit("batch", 1)[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         levers = set(filter(None, args.levers.split(",")))
         if "compile" in levers and name != "vit_b16":
             fast = run_ours(model, manifest, [*extra, "--compile"])
-            fast_limit = run_forward(model, paths, [limit_batch(limit)], compiled=True)
+            fast_limit = run_forward(model, paths, [limit[2]], compiled=True)
             rows += [
                 (
                     "(a) ours --compile",
