@@ -29,34 +29,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN with batch norms (channels_last in our handler), random weights."""
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
-
-    torch.manual_seed(0)
-    config = ResNetConfig(  # type: ignore[call-arg]
-        embedding_size=8,
-        hidden_sizes=[8, 16],
-        depths=[1, 1],
-        num_labels=6,
-        id2label={i: f"kind_{i}" for i in range(6)},
-        label2id={f"kind_{i}": i for i in range(6)},
-    )
-    model = ResNetForImageClassification(config).eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics, so folding them matters
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-        model.classifier[-1].weight.mul_(20.0)
-    path = tmp_path_factory.mktemp("tiny-resnet")
-    model.save_pretrained(path)
-    ConvNextImageProcessor(size={"shortest_edge": 48}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
     return real_thumbnails(96)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from transforms.batchnorm import fold_batchnorm
 from transforms.compiled import CompiledForward
 from transforms.handler_base import TorchHandlerBase, batch_to_device, to_predictions
 from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
@@ -35,6 +36,22 @@ def preferred_memory_format(model: Any) -> Any:
         if convs > 4:  # more than a patch-embedding stem
             return torch.channels_last
     return None
+
+
+def example_input(config: Any, device: str) -> Any:
+    """One random image of the size the model's config names (224 px if none)."""
+    import torch
+
+    side: Any = getattr(config, "image_size", None)
+    pretrained = getattr(config, "pretrained_cfg", None)  # timm models
+    if isinstance(pretrained, dict) and "input_size" in pretrained:
+        side = pretrained["input_size"][-1]
+    if isinstance(side, (list, tuple)):
+        side = side[-1]
+    side = side if isinstance(side, int) and side > 0 else 224
+    channels = getattr(config, "num_channels", 3) or 3
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(1, channels, side, side, generator=generator).to(device)
 
 
 @dataclass
@@ -102,6 +119,11 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         except Exception as e:
             raise explain_load_error(self._spec, e) from e
         model.eval().to(device)
+        folded = fold_batchnorm(
+            model, lambda x: model(pixel_values=x).logits, example_input(model.config, device)
+        )
+        if folded:
+            logger.info("Folded %d batch norms into their convolutions", folded)
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
