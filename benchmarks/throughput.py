@@ -10,8 +10,10 @@ For each model, on the same N corpus images (real photos at mixed sizes, see
       its best B;
   (c) the model's forward pass alone on pre-decoded, preprocessed tensors at
       its best batch size and memory format: the compute limit;
+  (c') for the CNNs, the same with batch norms folded into convolutions, as
+      our handler runs the model: the limit of the forward pass (a) runs;
 
-the ratios a/b and a/c, and the peak RSS of (a). Then the optional levers, each
+the ratios a/b, a/c and a/c', and the peak RSS of (a). Then the optional levers, each
 measured the same way: (a) with `--compile` against (c) compiled the same way
 (torch.compile, freezing), and (a) with `--quantize int8` with its top-1
 agreement with fp32 (a) on the same images. `--scale` also runs (a) at 10x the
@@ -173,12 +175,18 @@ def run_seed(model: str, paths: list[Path], batch_sizes: list[int]) -> tuple[flo
 
 
 def run_forward(
-    model: str, paths: list[Path], batch_sizes: list[int], compiled: bool = False
+    model: str,
+    paths: list[Path],
+    batch_sizes: list[int],
+    compiled: bool = False,
+    folded: bool = False,
 ) -> tuple[float, str, int]:
     """(c): forward pass alone on preprocessed tensors, best batch size and format.
 
     `compiled` measures the same with torch.compile as `--compile` does it
     (compile time excluded), the compute limit for (a) with `--compile`.
+    `folded` first folds batch norms into convolutions as our handler does:
+    the compute limit of the forward pass (a) actually runs.
     """
     import numpy as np
     import torch
@@ -194,6 +202,11 @@ def run_forward(
     sample = [decode_image(p.read_bytes(), draft_side=pre.draft_side) for p in paths[:96]]
     pixels = np.stack(pre(sample))
     net = AutoModelForImageClassification.from_pretrained(model).eval()
+    if folded:
+        from transforms.batchnorm import fold_batchnorm
+        from transforms.image_classification import example_input
+
+        fold_batchnorm(net, lambda x: net(pixel_values=x).logits, example_input(net.config, "cpu"))
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     formats = ["contiguous", "channels_last"] if has_conv else ["contiguous"]
     if compiled:  # the memory format the handler picks
@@ -263,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         ours = run_ours(model, manifest, extra)
         seed = run_seed(model, paths, seed_batches if name != "vit_b16" else [8])
         limit = run_forward(model, paths, [4, 8, 16, 32])
+        has_norms = name != "vit_b16"  # the CNNs; ViT-B/16 has no batch norms to fold
+        folded = run_forward(model, paths, [limit[2]], folded=True) if has_norms else None
         rows = [
             (
                 "(a) ours, end to end",
@@ -274,6 +289,14 @@ def main(argv: list[str] | None = None) -> None:
             ("a / b", f"{ours.images_per_s / seed[0]:7.2f}"),
             ("a / c", f"{ours.images_per_s / limit[0]:7.2f}"),
         ]
+        if folded is not None:
+            rows += [
+                (
+                    "(c') forward only, norms folded",
+                    f"{folded[0]:7.2f} images/s ({folded[1]}; the forward (a) runs)",
+                ),
+                ("a / c'", f"{ours.images_per_s / folded[0]:7.2f}"),
+            ]
         levers = set(filter(None, args.levers.split(",")))
         if "compile" in levers and name != "vit_b16":
             fast = run_ours(model, manifest, [*extra, "--compile"])
