@@ -104,6 +104,18 @@ def test_a_batchnorm_on_the_input_is_left_alone() -> None:
     assert torch.equal(after, before)
 
 
+def test_a_model_that_fails_on_the_example_is_left_alone() -> None:
+    class NeedsLargeInput(ConvBn):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] < 32:
+                raise ValueError("input too small")
+            return super().forward(x)
+
+    model = _randomize_stats(NeedsLargeInput())
+    assert fold_batchnorm(model, model, torch.rand(1, 3, 16, 16)) == 0
+    assert _norms(model) == 1
+
+
 def test_training_mode_and_half_precision_are_not_folded() -> None:
     training = _randomize_stats(ConvBn()).train()
     x = torch.rand(1, 3, 16, 16)

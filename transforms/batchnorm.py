@@ -60,8 +60,9 @@ def _foldable(bn: Any) -> bool:
 
 def find_conv_batchnorm_pairs(
     model: Any, run: Callable[[Any], Any], example: Any
-) -> list[tuple[Any, Any]]:
-    """(conv, bn) pairs where `bn` takes exactly `conv`'s output, from one forward.
+) -> tuple[list[tuple[Any, Any]], Any]:
+    """(conv, bn) pairs where `bn` takes exactly `conv`'s output, from one forward,
+    and that forward's output.
 
     Modules called more than once in the pass (shared weights) are left out.
     """
@@ -92,15 +93,16 @@ def find_conv_batchnorm_pairs(
             hooks.append(module.register_forward_pre_hook(on_bn))
     try:
         with torch.no_grad():
-            run(example)
+            output = run(example)
     finally:
         for hook in hooks:
             hook.remove()
-    return [
+    pairs = [
         (conv, bn)
         for conv, bn in candidates
         if calls.get(id(conv)) == 1 and calls.get(id(bn)) == 1 and _foldable(bn)
     ]
+    return pairs, output
 
 
 def fold_batchnorm(model: Any, run: Callable[[Any], Any], example: Any) -> int:
@@ -112,8 +114,9 @@ def fold_batchnorm(model: Any, run: Callable[[Any], Any], example: Any) -> int:
         example: an input `run` accepts (one random image of the model's size).
 
     Returns:
-        How many batch norms were folded; 0 if none could be, or if the folded
-        model did not match the original on `example` (then nothing changes).
+        How many batch norms were folded; 0 if none could be, if the model
+        does not run on `example`, or if the folded model did not match the
+        original on it (in all three cases nothing changes).
     """
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -122,11 +125,13 @@ def fold_batchnorm(model: Any, run: Callable[[Any], Any], example: Any) -> int:
         return 0
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return 0  # folding in half precision loses more than it gains
-    pairs = find_conv_batchnorm_pairs(model, run, example)
+    try:
+        pairs, expected = find_conv_batchnorm_pairs(model, run, example)
+    except Exception as e:  # e.g. a model that needs another input size
+        logger.info("Not folding batch norms: the model did not run on %s: %s", example.shape, e)
+        return 0
     if not pairs:
         return 0
-    with torch.no_grad():
-        expected = run(example)
     parent_of = {
         id(child): (parent, name)
         for parent in model.modules()
