@@ -7,7 +7,7 @@ For each model, on the same N corpus images (real photos at mixed sizes, see
       `label-images` process; the rate uses the job's own wall time, model
       load and Parquet write included, interpreter start-up excluded);
   (b) `transformers.pipeline("image-classification")(paths, batch_size=B)` at
-      its best B;
+      its best B, the pipeline built (model loaded) before the clock starts;
   (c) the model's forward pass alone on pre-decoded, preprocessed tensors at
       its best batch size and memory format: the compute limit;
   (c') for the CNNs, the same with batch norms folded into convolutions, as
@@ -268,7 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     bench = cache_root() / "bench"
     seed_batches = [int(b) for b in args.seed_batch_sizes.split(",")]
     extra = args.extra.split()
-    results = []
     for name in filter(None, args.models.split(",")):
         count = args.vit_images if name == "vit_b16" else args.images
         paths = build_corpus(count)
@@ -326,7 +325,6 @@ def main(argv: list[str] | None = None) -> None:
             ]
         print(f"\n{name}, {count} corpus images:")
         print(table(rows))
-        results.append((name, ours, seed, limit))
     if args.scale:
         paths = build_corpus(args.images * 10)
         small = run_ours(
