@@ -13,12 +13,12 @@ For each model, on the same N corpus images (real photos at mixed sizes, see
   (c') for the CNNs, the same with batch norms folded into convolutions, as
       our handler runs the model: the limit of the forward pass (a) runs;
 
-the ratios a/b, a/c and a/c', and the peak RSS of (a). Then the optional levers, each
-measured the same way: (a) with `--compile` against (c) compiled the same way
-(torch.compile, freezing), and (a) with `--quantize int8` and with
+the ratios a/b, a/c and a/c', and the peak RSS of (a). Then the optional
+levers, each measured the same way: (a) with `--compile` against (c) compiled
+the same way (torch.compile, freezing), and (a) with `--quantize int8` and with
 `--precision bf16`, each with its top-1 agreement with fp32 (a) on the same
-images. `--scale` also runs (a) at 10x the
-images and prints the ratio of peak RSS.
+images. `--scale` also runs (a) at 10x the images and prints the ratio of peak
+RSS.
 
 Models: MobileNetV2 and ViT-B/16 built from transformers configs with random
 weights (same compute as pretrained), and the default EfficientNet-Lite0.

@@ -116,6 +116,24 @@ def test_a_model_that_fails_on_the_example_is_left_alone() -> None:
     assert _norms(model) == 1
 
 
+def test_a_failure_while_checking_restores_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    model = _randomize_stats(ConvBn())
+    conv, bn = model.conv, model.bn
+    calls = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x)
+        if len(calls) == 2:  # the check, after the layers were swapped
+            raise RuntimeError("out of memory")
+        return model(x)
+
+    x = torch.rand(1, 3, 16, 16)
+    with caplog.at_level(logging.WARNING):
+        assert fold_batchnorm(model, run, x) == 0
+    assert "out of memory" in caplog.text
+    assert model.conv is conv and model.bn is bn
+
+
 def test_training_mode_and_half_precision_are_not_folded() -> None:
     training = _randomize_stats(ConvBn()).train()
     x = torch.rand(1, 3, 16, 16)
