@@ -63,9 +63,9 @@ class LoadedClassifier:
     dtype: Any
     id2label: dict[int, str]
     function: ClassificationFunction
-    memory_format: Any = None  # torch.channels_last for convolutional models
     #: pixel_values -> logits: the model, or its compiled twin once ready.
-    logits: CompiledForward | None = None
+    logits: CompiledForward
+    memory_format: Any = None  # torch.channels_last for convolutional models
 
     def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
         """The whole prediction for a batch, run where the model lives."""
@@ -149,8 +149,5 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
             pixel_values = batch_to_device(batch, model.device, model.dtype)
             if model.memory_format is not None:
                 pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
-            if model.logits is not None:
-                logits = model.logits(pixel_values)
-            else:
-                logits = model.model(pixel_values=pixel_values).logits
+            logits = model.logits(pixel_values)
         return np.asarray(logits.float().cpu().numpy())

@@ -117,7 +117,7 @@ class LoadedZeroShot:
     function: ClassificationFunction
     id2label: dict[int, str]
     #: pixel_values -> image embeddings: the image tower, or its compiled twin once ready.
-    image_features: CompiledForward | None = None
+    image_features: CompiledForward
 
     def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
         """The whole prediction for a batch, run where the model lives."""
@@ -251,11 +251,7 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
 
         with torch.inference_mode():
             pixel_values = batch_to_device(batch, model.device, model.dtype)
-            if model.image_features is not None:
-                embeds = model.image_features(pixel_values).float()
-            else:
-                embeds = _features(model.model.get_image_features(pixel_values=pixel_values))
-                embeds = embeds.float()
+            embeds = model.image_features(pixel_values).float()
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias
         return np.asarray(logits.cpu().numpy())
