@@ -204,10 +204,9 @@ def run_forward(
     pixels = np.stack(pre(sample))
     net = AutoModelForImageClassification.from_pretrained(model).eval()
     if folded:
-        from transforms.batchnorm import fold_batchnorm
-        from transforms.image_classification import example_input
+        from transforms.image_classification import fold_classifier_batchnorms
 
-        fold_batchnorm(net, lambda x: net(pixel_values=x).logits, example_input(net.config, "cpu"))
+        fold_classifier_batchnorms(net, "cpu")
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     formats = ["contiguous", "channels_last"] if has_conv else ["contiguous"]
     if compiled:  # the memory format the handler picks

@@ -38,6 +38,14 @@ def preferred_memory_format(model: Any) -> Any:
     return None
 
 
+def fold_classifier_batchnorms(model: Any, device: str) -> int:
+    """Fold an image classifier's batch norms (`transforms.batchnorm`), checked on
+    one random image of its config's size; the number folded."""
+    return fold_batchnorm(
+        model, lambda x: model(pixel_values=x).logits, example_input(model.config, device)
+    )
+
+
 def example_input(config: Any, device: str) -> Any:
     """One random image of the size the model's config names (224 px if none)."""
     import torch
@@ -119,9 +127,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         except Exception as e:
             raise explain_load_error(self._spec, e) from e
         model.eval().to(device)
-        folded = fold_batchnorm(
-            model, lambda x: model(pixel_values=x).logits, example_input(model.config, device)
-        )
+        folded = fold_classifier_batchnorms(model, device)
         if folded:
             logger.info("Folded %d batch norms into their convolutions", folded)
         memory_format = preferred_memory_format(model)
