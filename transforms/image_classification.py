@@ -18,6 +18,7 @@ from transforms.postprocess import (
     resolve_function,
 )
 from transforms.rows import Prediction
+from transforms.static_padding import make_tf_padding_static
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,21 @@ def preferred_memory_format(model: Any) -> Any:
     return None
 
 
-def fold_classifier_batchnorms(model: Any, device: str) -> int:
-    """Fold an image classifier's batch norms (`transforms.batchnorm`), checked on
-    one random image of its config's size; the number folded."""
-    return fold_batchnorm(
-        model, lambda x: model(pixel_values=x).logits, example_input(model.config, device)
-    )
+def streamline_classifier(model: Any, device: str) -> tuple[int, int]:
+    """Rewrite an image classifier's layers for inference, in place: static padding
+    for TF-padded convolutions (`transforms.static_padding`), then batch norms
+    folded into their convolutions (`transforms.batchnorm`). Each step is checked
+    on one random image of the config's size and undone if the logits change.
+
+    Returns:
+        (layers given static padding, batch norms folded).
+    """
+    example = example_input(model.config, device)
+
+    def run(x: Any) -> Any:
+        return model(pixel_values=x).logits
+
+    return make_tf_padding_static(model, run, example), fold_batchnorm(model, run, example)
 
 
 def example_input(config: Any, device: str) -> Any:
@@ -127,9 +137,9 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         except Exception as e:
             raise explain_load_error(self._spec, e) from e
         model.eval().to(device)
-        folded = fold_classifier_batchnorms(model, device)
-        if folded:
-            logger.info("Folded %d batch norms into their convolutions", folded)
+        padded, folded = streamline_classifier(model, device)
+        if padded or folded:
+            logger.info("Static padding for %d convolutions; %d batch norms folded", padded, folded)
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
