@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 RELATIVE_TOLERANCE = 1e-4
 
 
+def difference(expected: Any, result: Any, what: str) -> str | None:
+    """Why `result` does not pass for `expected` (logits), or None if it does."""
+    scale = float(expected.abs().max())
+    error = float((result - expected).abs().max())
+    if error <= RELATIVE_TOLERANCE * scale:
+        return None
+    return f"{what} differs by {error:.3g} (largest logit {scale:.3g})"
+
+
 def _is_batchnorm(module: Any) -> bool:
     import torch
 
@@ -150,14 +159,7 @@ def fold_batchnorm(model: Any, run: Callable[[Any], Any], example: Any) -> int:
             swap(conv, fuse_conv_bn_eval(conv, bn))
             swap(bn, _after_norm(bn))
         with torch.no_grad():
-            folded = run(example)
-        scale = float(expected.abs().max())
-        error = float((folded - expected).abs().max())
-        problem = (
-            None
-            if error <= RELATIVE_TOLERANCE * scale
-            else f"the folded model differs by {error:.3g} (largest logit {scale:.3g})"
-        )
+            problem = difference(expected, run(example), "the folded model")
     except Exception as e:  # folding is an optimization: it must never cost the model
         problem = f"{type(e).__name__}: {e}"
     if problem is not None:

@@ -12,7 +12,8 @@ transformers' own forward runs unchanged; strided layers, whose "SAME" padding
 is uneven and depends on the input size, keep `F.pad`.
 
 As with batch-norm folding, the changed model is checked against the original
-on one input; any difference beyond float rounding puts everything back.
+on one input (`batchnorm.difference`); any difference beyond float rounding
+puts everything back.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from transforms.batchnorm import difference
 
-#: Largest difference allowed, relative to the largest logit (see batchnorm.py).
-RELATIVE_TOLERANCE = 1e-4
+logger = logging.getLogger(__name__)
 
 #: transformers layers whose forward is `apply_tf_padding` (if config.tf_padding),
 #: then `self.convolution`, normalization and activation.
@@ -83,14 +83,7 @@ def make_tf_padding_static(model: Any, run: Callable[[Any], Any], example: Any) 
             layer.config = own
             layer.convolution.padding = padding
         with torch.no_grad():
-            result = run(example)
-        scale = float(expected.abs().max())
-        error = float((result - expected).abs().max())
-        problem = (
-            None
-            if error <= RELATIVE_TOLERANCE * scale
-            else f"the model differs by {error:.3g} (largest logit {scale:.3g})"
-        )
+            problem = difference(expected, run(example), "the model with static padding")
     except Exception as e:  # an optimization must never cost the model
         problem = f"{type(e).__name__}: {e}"
     if problem is not None:
