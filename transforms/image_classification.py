@@ -138,8 +138,10 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
             raise explain_load_error(self._spec, e) from e
         model.eval().to(device)
         padded, folded = streamline_classifier(model, device)
-        if padded or folded:
-            logger.info("Static padding for %d convolutions; %d batch norms folded", padded, folded)
+        if folded:
+            logger.info("Folded %d batch norms into their convolutions", folded)
+        if padded:
+            logger.info("Static padding for %d TF-padded convolutions", padded)
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
