@@ -91,18 +91,39 @@ def tiny_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
         id2label={i: f"kind_{i}" for i in range(6)},
         label2id={f"kind_{i}": i for i in range(6)},
     )
-    model = ResNetForImageClassification(config).eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics, so folding them matters
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
+    model = randomize_batchnorms(ResNetForImageClassification(config).eval())
+    with torch.no_grad():
         model.classifier[-1].weight.mul_(20.0)
     path = tmp_path_factory.mktemp("tiny-resnet")
     model.save_pretrained(path)
     ConvNextImageProcessor(size={"shortest_edge": 48}).save_pretrained(path)
     return path
+
+
+def randomize_batchnorms(
+    model: Any,
+    *,
+    mean: tuple[float, float] = (-0.5, 0.5),
+    var: tuple[float, float] = (0.5, 2.0),
+    weight: tuple[float, float] | None = None,
+    bias: tuple[float, float] | None = None,
+) -> Any:
+    """Uniform random batch-norm statistics (and, if given, affine parameters), so
+    folding or rewriting the layers around them changes logits when done wrong;
+    freshly built models have mean 0, variance 1. Returns `model`."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.uniform_(*mean)
+                module.running_var.uniform_(*var)
+                if weight is not None:
+                    module.weight.uniform_(*weight)
+                if bias is not None:
+                    module.bias.uniform_(*bias)
+    return model
 
 
 def real_photo(name: str) -> Image.Image:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import real_thumbnails
+from tests.conftest import randomize_batchnorms, real_thumbnails
 from transforms.batchnorm import fold_batchnorm
 from transforms.image_classification import ImageClassificationModelHandler, example_input
 from transforms.models import ModelSpec
@@ -23,15 +23,7 @@ from transforms.preprocess import ImagePreprocessor
 
 def _randomize_stats(model: torch.nn.Module) -> torch.nn.Module:
     torch.manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    return randomize_batchnorms(model, weight=(0.5, 1.5), bias=(-0.5, 0.5)).eval()
 
 
 class ConvBn(torch.nn.Module):

@@ -23,7 +23,7 @@ from transformers import (
     MobileNetV2ImageProcessor,
 )
 
-from tests.conftest import real_thumbnails
+from tests.conftest import randomize_batchnorms, real_thumbnails
 from transforms.image_classification import ImageClassificationModelHandler
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
@@ -35,14 +35,9 @@ def _realistic(model: Any) -> Any:
     torch.manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.8, 1.2)
-                module.bias.uniform_(-0.1, 0.1)
-            elif isinstance(module, torch.nn.Conv2d):
+            if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight)
+    randomize_batchnorms(model, mean=(-0.2, 0.2), weight=(0.8, 1.2), bias=(-0.1, 0.1))
     return model.eval()
 
 
