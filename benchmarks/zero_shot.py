@@ -25,6 +25,7 @@ from benchmarks.common import describe_machine, fresh_output, run_job, table  # 
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from pipelines.config import JobConfig  # noqa: E402
 from transforms.default_model import cache_root  # noqa: E402
+from transforms.spec import LabelingSpec  # noqa: E402
 
 
 def imagenet_labels() -> list[str]:
@@ -118,9 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         config = JobConfig(
             input=str(manifest),
             output=fresh_output(),
-            task="zero-shot-image-classification",
-            model=str(model_dir),
-            candidate_labels_file=str(label_file),
+            labeling=LabelingSpec(
+                task="zero-shot-image-classification",
+                model=str(model_dir),
+                candidate_labels_file=str(label_file),
+            ),
             progress=False,
         )
         results[f"ours@{count}"] = run_job(config)

@@ -27,7 +27,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from pipelines.config import ZERO_SHOT, ConfigError, JobConfig, load_config
+from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.output import (
     OutputError,
     SummarizeRecords,
@@ -36,25 +36,17 @@ from pipelines.output import (
     read_summary,
     shard_prefix,
 )
+from pipelines.preflight import preflight
 from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
 from pipelines.resume import SKIPPED_TAG, ReadDoneUris, SkipDone, check_previous_output
 from pipelines.runner import in_process, is_local, make_runner
-from transforms import __version__
-from transforms.api import LabelImages, LabelingSpec
-from transforms.default_model import DEFAULT_MODEL_NAME
-from transforms.fetch import FetchOptions
-from transforms.label import DecodeOptions
-from transforms.models import (
-    ModelLoadError,
-    ModelSpec,
-    explain_load_error,
-    from_pretrained_kwargs,
-    resolve_model,
-)
-from transforms.postprocess import resolve_function
+from transforms.api import LabelImages
+from transforms.label_set import LabelSetError
+from transforms.models import ModelLoadError
 from transforms.rows import output_schema
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
-from transforms.zero_shot import LabelSet, LabelSetError, is_sigmoid_family
+from transforms.spec import LabelingSpec, resolve
+from transforms.spec import metadata as labeling_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -75,119 +67,14 @@ class Job:
     skip_existing: str | None = None  # previous output dir whose ok rows are skipped
 
 
-def _load_model_config(spec: ModelSpec) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(
-            resolve_model(spec),
-            **{k: v for k, v in from_pretrained_kwargs(spec).items() if k != "use_safetensors"},
-        )
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        raise explain_load_error(spec, e) from e
-
-
-def _check_classifier(config: JobConfig, spec: ModelSpec) -> dict[str, str]:
-    """Load the model's config in the launcher: fail early, and describe the model."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    model_config = _load_model_config(spec)
-    if model_config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        hint = ""
-        if hasattr(model_config, "text_config") and hasattr(model_config, "vision_config"):
-            hint = "; for a CLIP/SigLIP model use --task zero-shot-image-classification"
-        raise ModelLoadError(
-            f"model {spec.model!r} (model_type {model_config.model_type!r}) is not an image "
-            f"classification model{hint}"
-        )
-    return {
-        "image_labeler.function_to_apply": resolve_function(
-            config.function_to_apply, model_config
-        ).value,
-        "image_labeler.num_labels": str(model_config.num_labels),
-    }
-
-
-def read_label_file(path: str) -> tuple[str, ...]:
-    """One label per line (local or any fsspec URI); blank lines are skipped."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            return tuple(line.strip() for line in f if line.strip())
-    except FileNotFoundError as e:
-        raise ConfigError(f"--candidate-labels-file {path} does not exist") from e
-
-
-def _check_zero_shot(config: JobConfig, spec: ModelSpec) -> tuple[LabelSet, dict[str, str]]:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    if config.candidate_labels_file:
-        labels = read_label_file(config.candidate_labels_file)
-    else:
-        labels = tuple(config.candidate_labels or ())
-    label_set = LabelSet(labels, tuple(config.hypothesis_template))
-    model_config = _load_model_config(spec)
-    if model_config.model_type not in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        raise ModelLoadError(
-            f"model {spec.model!r} (model_type {model_config.model_type!r}) has no image/text "
-            "towers; zero-shot classification needs a CLIP- or SigLIP-family model"
-        )
-    function = "sigmoid" if is_sigmoid_family(model_config.model_type) else "softmax"
-    return label_set, {
-        "image_labeler.function_to_apply": function,
-        "image_labeler.num_labels": str(len(label_set.labels)),
-        "image_labeler.label_count": str(len(label_set.labels)),
-        "image_labeler.label_set_sha256": label_set.digest(),
-        "image_labeler.hypothesis_templates": json.dumps(list(label_set.templates)),
-    }
-
-
-def labeling_spec(config: JobConfig, labels: tuple[str, ...] | None) -> LabelingSpec:
-    """The `LabelingSpec` of a job config (labels already read for zero-shot)."""
-    return LabelingSpec(
-        model=config.model,
-        revision=config.revision,
-        task=config.task,
-        candidate_labels=labels,
-        hypothesis_template=tuple(config.hypothesis_template),
-        top_k=config.top_k,
-        function_to_apply=config.function_to_apply,
-        device=config.device,
-        precision=config.precision,
-        batch_size=config.batch_size,
-        min_batch_size=config.min_batch_size,
-        max_batch_duration_secs=config.max_batch_duration_secs,
-        model_copies=config.model_copies,
-        share_model_across_processes=config.share_model_across_processes,
-        torch_threads=config.torch_threads,
-        compile=config.compile,
-        quantize=config.quantize,
-        allow_pickle_weights=config.allow_pickle_weights,
-        fetch=FetchOptions(
-            allowed_schemes=config.allowed_schemes,
-            timeout_s=config.fetch_timeout,
-            max_bytes=config.max_image_bytes,
-            retries=config.fetch_retries,
-            concurrency=config.fetch_concurrency,
-            per_host=config.fetch_per_host,
-        ),
-        decode=DecodeOptions(
-            max_pixels=config.max_image_pixels,
-            draft=config.jpeg_draft,
-            threads=config.decode_threads,
-        ),
-    )
-
-
-def build_job(config: JobConfig) -> Job:
+def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False) -> Job:
     """Validate everything that can be checked before running, and plan the job.
+
+    Args:
+        config: the parsed config.
+        local: the job runs on this machine (the device is resolved here).
+        keep_model: the model loaded to check its weights is kept for this
+            process's handler (in-process local runs), so it loads once.
 
     Raises:
         ConfigError, InputError, ModelLoadError, ValueError: with a clear message.
@@ -199,25 +86,10 @@ def build_job(config: JobConfig) -> Job:
         keep_image_column=config.keep_image_column,
         input_format=config.input_format,
     )
-    spec = ModelSpec(config.model, config.revision, config.allow_pickle_weights)
-    labels: tuple[str, ...] | None = None
-    if config.task == ZERO_SHOT:
-        label_set, described = _check_zero_shot(config, spec)
-        labels = label_set.labels
-    else:
-        described = _check_classifier(config, spec)
-    labeling = labeling_spec(config, labels)
-    model_name = f"default ({DEFAULT_MODEL_NAME})" if spec.is_default else config.model
-    metadata = {
-        "image_labeler.version": __version__,
-        "image_labeler.task": config.task,
-        "image_labeler.model": model_name,
-        "image_labeler.revision": config.revision or "",
-        "image_labeler.top_k": str(config.top_k),
-        **described,
-    }
-    schema = output_schema(plan.passthrough_schema, metadata)
-    skip = check_previous_output(config, plan, metadata) if config.skip_existing else None
+    labeling = resolve(config.labeling, local=local, keep_model=keep_model)
+    described = labeling_metadata(labeling)
+    schema = output_schema(plan.passthrough_schema, described)
+    skip = check_previous_output(config, plan, described) if config.skip_existing else None
     return Job(config, plan, schema, labeling, skip)
 
 
@@ -265,7 +137,11 @@ def add_to_pipeline(
         | "SummaryTrigger" >> beam.Create([None])
         | "WriteSummary"
         >> beam.ParDo(
-            WriteSummary(job.config.output, started_at, job.config.to_dict()),
+            WriteSummary(
+                job.config.output,
+                started_at,
+                {**job.config.to_dict(), "effective": job.labeling.effective()},
+            ),
             files=beam.pvalue.AsList(written),
             stats=beam.pvalue.AsSingleton(stats),
             rows_in=beam.pvalue.AsSingleton(rows_in),
@@ -339,15 +215,23 @@ def run(
         options = PipelineOptions(beam_args)
         # Beam's --dry_run takes a value (--dry_run=True) and keeps it a string.
         dry_run = str(options.get_all_options().get("dry_run")).lower() in ("true", "1", "yes")
-        job = build_job(config)
+        preflight(config, options)
+        runs_here = is_local(options)
+        local = runs_here and test_pipeline is None
+        shared = config.labeling.share_model_across_processes or config.labeling.model_copies
+        job = build_job(
+            config,
+            local=runs_here,
+            keep_model=local and in_process(options) and not shared,
+        )
         if not dry_run:
             prepare_output(config.output, overwrite=config.overwrite)
     except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
-        print(f"label-images: error: {e}", file=sys.stderr)
+        # One line, no traceback: the message names the flag or value to change.
+        print(f"label-images: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     options.view_as(SetupOptions).save_main_session = save_main_session
-    local = is_local(options) and test_pipeline is None
     started_at = time.time()
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
         show_progress = local and config.progress

@@ -341,3 +341,38 @@ def run_job(args: list[str]) -> int:
     from pipelines.label_images import run
 
     return run([*args, "--progress", "false"], save_main_session=False)
+
+
+def classifier_handler(model: Any, **options: Any) -> Any:
+    """An image-classification handler on CPU for a model directory, options as the CLI's."""
+    from transforms.image_classification import ImageClassificationModelHandler
+    from transforms.spec import LabelingSpec
+
+    options.setdefault("device", "cpu")
+    return ImageClassificationModelHandler(LabelingSpec(model=str(model), **options))
+
+
+def zero_shot_handler(
+    model: Any,
+    labels: Any,
+    templates: Any = None,
+    *,
+    text_batch_size: int | None = None,
+    **options: Any,
+) -> Any:
+    """A zero-shot handler on CPU for a model directory and candidate labels."""
+    from transforms.spec import LabelingSpec
+    from transforms.zero_shot import ZeroShotModelHandler
+
+    options.setdefault("device", "cpu")
+    if templates is not None:
+        options["hypothesis_template"] = tuple(templates)
+    spec = LabelingSpec(
+        model=str(model),
+        task="zero-shot-image-classification",
+        candidate_labels=tuple(labels),
+        **options,
+    )
+    if text_batch_size is None:
+        return ZeroShotModelHandler(spec)
+    return ZeroShotModelHandler(spec, text_batch_size=text_batch_size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import randomize_batchnorms, real_thumbnails
+from tests.conftest import classifier_handler, randomize_batchnorms, real_thumbnails
 from transforms.batchnorm import fold_batchnorm
 from transforms.image_classification import ImageClassificationModelHandler, example_input
 from transforms.models import ModelSpec
@@ -164,7 +164,7 @@ def test_the_handler_folds_a_resnet_and_keeps_its_scores(
     from transformers import AutoModelForImageClassification
 
     spec = ModelSpec(str(tiny_resnet))
-    loaded = ImageClassificationModelHandler(spec, device="cpu").load_model()
+    loaded = classifier_handler(tiny_resnet).load_model()
     assert _norms(loaded.model) == 0
     reference = AutoModelForImageClassification.from_pretrained(tiny_resnet).eval()
     assert _norms(reference) > 0

@@ -17,13 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_output, real_thumbnails, run_job
+from tests.conftest import (
+    classifier_handler,
+    read_output,
+    real_thumbnails,
+    run_job,
+    zero_shot_handler,
+)
 from transforms.compiled import CompiledForward
-from transforms.image_classification import ImageClassificationModelHandler
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import Prediction
-from transforms.zero_shot import LabelSet, ZeroShotModelHandler
 
 TOL = 1e-4
 
@@ -131,9 +135,7 @@ def test_compiled_handler_matches_the_seed(
 ) -> None:
     model_dir = request.getfixturevalue(model_name)
     spec = ModelSpec(str(model_dir))
-    handler = ImageClassificationModelHandler(
-        spec, device="cpu", top_k=3, compile=True, batching=_fixed(len(photos))
-    )
+    handler = classifier_handler(model_dir, top_k=3, compile=True, batch_size=len(photos))
     model = handler.load_model()
     pixel_values = ImagePreprocessor(spec)(photos)
     first = _predict(handler, model, pixel_values)  # eager, and starts compiling
@@ -149,12 +151,10 @@ def test_compiled_handler_matches_the_seed(
 
 def test_compiled_zero_shot_matches_eager(tiny_clip: Path, photos: list[Image.Image]) -> None:
     spec = ModelSpec(str(tiny_clip))
-    labels = LabelSet(("a cat", "a cup of coffee", "a rocket"))
+    labels = ("a cat", "a cup of coffee", "a rocket")
     pixel_values = ImagePreprocessor(spec)(photos)
-    eager = ZeroShotModelHandler(spec, labels, device="cpu", top_k=0)
-    compiled = ZeroShotModelHandler(
-        spec, labels, device="cpu", top_k=0, compile=True, batching=_fixed(len(photos))
-    )
+    eager = zero_shot_handler(tiny_clip, labels, top_k=0)
+    compiled = zero_shot_handler(tiny_clip, labels, top_k=0, compile=True, batch_size=len(photos))
     loaded = compiled.load_model()
     compiled.run_inference(pixel_values, loaded)
     assert loaded.image_features is not None and loaded.image_features.wait(timeout=600)
@@ -170,8 +170,8 @@ def test_int8_quantizes_linear_layers_and_stays_close(
 ) -> None:
     spec = ModelSpec(str(tiny_vit))
     pixel_values = ImagePreprocessor(spec)(photos)
-    fp32 = ImageClassificationModelHandler(spec, device="cpu", top_k=0)
-    int8 = ImageClassificationModelHandler(spec, device="cpu", top_k=0, quantize="int8")
+    fp32 = classifier_handler(tiny_vit, top_k=0)
+    int8 = classifier_handler(tiny_vit, top_k=0, quantize="int8")
     loaded = int8.load_model()
     kinds = {type(m).__module__ for m in loaded.model.modules()}
     assert any("quantized" in kind for kind in kinds), kinds
@@ -185,7 +185,7 @@ def test_int8_quantizes_linear_layers_and_stays_close(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"quantize": "int4"}, "quantize must be one of"),
+        ({"quantize": "int4"}, "--quantize \\(quantize\\): 'int4' must be one of"),
         ({"quantize": "int8", "device": "cuda"}, "CPU only"),
         ({"quantize": "int8", "precision": "bf16"}, "fp32"),
     ],
@@ -194,7 +194,7 @@ def test_bad_quantize_options_are_refused(
     tiny_vit: Path, options: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        ImageClassificationModelHandler(ModelSpec(str(tiny_vit)), **options)
+        classifier_handler(tiny_vit, **options)
 
 
 def test_cli_refuses_int8_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,15 +206,23 @@ def test_cli_refuses_int8_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_job_with_compile_and_int8_labels_every_row(
-    tiny_vit: Path, photo_dir: Path, tmp_path: Path
+    tiny_vit: Path,
+    photo_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """End to end through the CLI: the same rows and labels as an eager fp32 run."""
+    """End to end through the CLI: the same rows and labels as an eager fp32 run, and
+    the compiled run really ran compiled batches (it compiles on the first full batch)."""
+    monkeypatch.setenv("IMAGE_LABELER_COMPILE_BLOCKING", "1")
     manifest = tmp_path / "images.txt"
     paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
     manifest.write_text("\n".join(paths) + "\n")
     common = ["--input", str(manifest), "--model", str(tiny_vit), "--batch-size", "2"]
     assert run_job([*common, "--output", str(tmp_path / "eager")]) == 0
-    assert run_job([*common, "--output", str(tmp_path / "fast"), "--compile"]) == 0
+    with caplog.at_level(logging.INFO, logger="transforms.compiled"):
+        assert run_job([*common, "--output", str(tmp_path / "fast"), "--compile"]) == 0
+    assert "The compiled forward pass ran its first batch" in caplog.text
     assert run_job([*common, "--output", str(tmp_path / "int8"), "--quantize", "int8"]) == 0
     reference = read_output(tmp_path / "eager").sort_by("uri").to_pydict()
     for name in ("fast", "int8"):
@@ -224,9 +232,3 @@ def test_job_with_compile_and_int8_labels_every_row(
     fast = read_output(tmp_path / "fast").sort_by("uri").to_pydict()
     assert fast["label"] == reference["label"]
     assert fast["score"] == pytest.approx(reference["score"], abs=TOL)
-
-
-def _fixed(size: int) -> Any:
-    from transforms.batching import batch_settings
-
-    return batch_settings(batch_size=size, on_gpu=False)

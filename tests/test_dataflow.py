@@ -27,6 +27,10 @@ def test_dataflow_dry_run_translates_the_job(
     root = f"gs://{gcs_emulator}/dry-{uuid.uuid4().hex[:8]}"
     with fsspec.open(f"{root}/manifest.txt", "wt") as f:
         f.write("images/a.jpg\nimages/b.jpg\n")
+    # Dataflow workers cannot see this machine's files: the model goes to gs:// too.
+    fs, _ = fsspec.core.url_to_fs(root)
+    for path in tiny_vit.iterdir():
+        fs.put_file(str(path), f"{root}/model/{path.name}")
     job_file = tmp_path / "job.json"
     code = run(
         [
@@ -35,7 +39,7 @@ def test_dataflow_dry_run_translates_the_job(
             "--output",
             f"{root}/out",
             "--model",
-            str(tiny_vit),
+            f"{root}/model",
             "--top-k",
             "3",
             "--runner",
@@ -74,3 +78,49 @@ def test_dataflow_dry_run_translates_the_job(
     # A dry run writes nothing to the output directory.
     fs, path = fsspec.core.url_to_fs(f"{root}/out")
     assert not fs.exists(path) or not fs.ls(path)
+
+
+DATAFLOW = [
+    "--runner",
+    "DataflowRunner",
+    "--project",
+    "p",
+    "--region",
+    "us-central1",
+    "--temp_location",
+    "gs://b/tmp",
+    "--dry_run=True",
+    "--no_auth",
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--input", "local.txt", "--output", "gs://b/out"], "--input local.txt is a local path"),
+        (["--input", "gs://b/m.txt", "--output", "out"], "--output out is a local path"),
+        (
+            ["--input", "gs://b/m.txt", "--output", "gs://b/o", "--model", str(REPO)],
+            "is a local directory",
+        ),
+    ],
+)
+def test_dataflow_refuses_local_paths(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*argv, *DATAFLOW], save_main_session=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("missing", ["--project", "--region", "--temp_location"])
+def test_dataflow_needs_project_region_and_temp_location(
+    missing: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = list(DATAFLOW)
+    index = args.index(missing)
+    del args[index : index + 2]
+    code = run(["--input", "gs://b/m.txt", "--output", "gs://b/o", *args], save_main_session=False)
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert missing in err and len(err.splitlines()) == 1, err

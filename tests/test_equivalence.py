@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import real_thumbnails
+from tests.conftest import classifier_handler, real_thumbnails
 from transforms.decode import decode_image
 from transforms.fetch import FetchOptions, fetch_bytes
-from transforms.image_classification import ImageClassificationModelHandler
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import Prediction
@@ -33,12 +32,12 @@ def _seed(model_dir: Path, images: list[Any], **kwargs: Any) -> list[list[dict[s
 
 def _ours(model_dir: Path, images: list[Image.Image], **kwargs: Any) -> list[Prediction]:
     spec = ModelSpec(str(model_dir))
-    handler = ImageClassificationModelHandler(spec, device="cpu", **kwargs)
+    handler = classifier_handler(model_dir, **kwargs)
     model = handler.load_model()
     pixel_values = ImagePreprocessor(spec)(images)
     results = list(handler.run_inference(pixel_values, model))
     assert all(isinstance(r, Prediction) for r in results)
-    return results  # type: ignore[return-value]
+    return results
 
 
 def _assert_same(ours: list[Prediction], seed: list[list[dict[str, Any]]]) -> None:

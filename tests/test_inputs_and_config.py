@@ -148,8 +148,8 @@ def test_flags_override_yaml(tmp_path: Path) -> None:
     config, beam_args = load_config(
         ["--input", "in.txt", "--output", "out", "--config", str(cfg), "--top-k", "7"]
     )
-    assert config.top_k == 7
-    assert config.batch_size == 4
+    assert config.labeling.top_k == 7
+    assert config.labeling.batch_size == 4
     assert beam_args == ["--direct_num_workers=2"]
 
 
@@ -202,8 +202,8 @@ def test_candidate_labels_from_flag_and_yaml(tmp_path: Path) -> None:
         "some/clip",
     ]
     config, _ = load_config(base + ["--candidate-labels", 'cat, "hot dog, grilled",car'])
-    assert config.candidate_labels == ("cat", "hot dog, grilled", "car")
-    assert config.hypothesis_template == ("This is a photo of {}.",)
+    assert config.labeling.candidate_labels == ("cat", "hot dog, grilled", "car")
+    assert config.labeling.hypothesis_template == ("This is a photo of {}.",)
     cfg = tmp_path / "zs.yaml"
     cfg.write_text(
         "task: zero-shot-image-classification\nmodel: some/clip\n"
@@ -211,18 +211,19 @@ def test_candidate_labels_from_flag_and_yaml(tmp_path: Path) -> None:
         "hypothesis_template: ['a photo of {}.', 'art of {}.']\n"
     )
     config, _ = load_config(["--config", str(cfg), "--input", "i", "--output", "o"])
-    assert config.candidate_labels == ("cat", "hot dog, grilled")
-    assert config.hypothesis_template == ("a photo of {}.", "art of {}.")
+    assert config.labeling.candidate_labels == ("cat", "hot dog, grilled")
+    assert config.labeling.hypothesis_template == ("a photo of {}.", "art of {}.")
     config, _ = load_config(
         ["--config", str(cfg), "--input", "i", "--output", "o", "--hypothesis-template", "{}"]
     )
-    assert config.hypothesis_template == ("{}",)
+    assert config.labeling.hypothesis_template == ("{}",)
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--candidate-labels", "cat"], "apply only to"),
+        (["--task", "image-classification", "--candidate-labels", "cat"], "apply only to"),
+        (["--candidate-labels", "cat"], "default model is an ImageNet classifier"),
         (["--hypothesis-template", "a {}"], "applies only to"),
         (
             [

@@ -59,7 +59,7 @@ def test_shipped_configs_are_valid(name: str) -> None:
         assert any(a.startswith("--max_num_workers=") for a in beam_args)
         assert any(a.startswith("--disk_size_gb=") for a in beam_args)
     if name == "dataflow-gpu.yaml":
-        assert config.device == "cuda" and config.model_copies == 1
+        assert config.labeling.device == "cuda" and config.labeling.model_copies == 1
         assert any(
             "worker_accelerator=type:" in a and "install-nvidia-driver" in a for a in beam_args
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import read_output, run_job
+from tests.conftest import classifier_handler, read_output, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,8 @@ def test_a_shared_model_is_not_preloaded_in_the_launcher(
     tiny_vit: Path, options: dict[str, Any], preloads: bool
 ) -> None:
     """RunInference loads a shared model in its own server process; a launcher copy is waste."""
-    from transforms.image_classification import ImageClassificationModelHandler
     from transforms.inference import take_preloaded
-    from transforms.models import ModelSpec
 
-    handler = ImageClassificationModelHandler(ModelSpec(str(tiny_vit)), device="cpu", **options)
+    handler = classifier_handler(tiny_vit, **options)
     handler.preload()
     assert (take_preloaded(handler.cache_key()) is not None) == preloads

@@ -23,8 +23,7 @@ from transformers import (
     MobileNetV2ImageProcessor,
 )
 
-from tests.conftest import randomize_batchnorms, real_thumbnails
-from transforms.image_classification import ImageClassificationModelHandler
+from tests.conftest import classifier_handler, randomize_batchnorms, real_thumbnails
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.static_padding import make_tf_padding_static
@@ -155,15 +154,13 @@ def test_the_handler_matches_transformers_pipeline(
     ).save_pretrained(tmp_path)
     spec = ModelSpec(str(tmp_path))
 
-    loaded = ImageClassificationModelHandler(spec, device="cpu").load_model()
+    loaded = classifier_handler(tmp_path).load_model()
     pixel_values = ImagePreprocessor(spec)(real_thumbnails(96))
     assert _pad_calls(
         loaded.model, torch.from_numpy(np.stack(pixel_values[:1])), monkeypatch
     ) == _strided_convs(loaded.model)
 
-    ours = ImageClassificationModelHandler(spec, device="cpu", top_k=5).run_inference(
-        pixel_values, loaded
-    )
+    ours = classifier_handler(tmp_path, top_k=5).run_inference(pixel_values, loaded)
     theirs = pipeline("image-classification", model=str(tmp_path), device="cpu")(
         real_thumbnails(96), top_k=5
     )

@@ -277,19 +277,16 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
     """GPU readiness without a GPU: a fake forward that runs out of memory above 2 images."""
     import torch
 
-    from transforms.handler_base import TorchHandlerBase, to_predictions
-    from transforms.models import ModelSpec
+    from transforms.handler_base import TorchHandlerBase
     from transforms.postprocess import ClassificationFunction
     from transforms.rows import Prediction
+    from transforms.spec import LabelingSpec
 
     sizes: list[int] = []
 
     class Loaded:
-        function = ClassificationFunction.SOFTMAX
-        id2label = {0: "a", 1: "b"}
-
-        def __call__(self, batch: Any, top_k: int) -> list[Prediction]:
-            return to_predictions(Fake.forward(batch, self), self.function, self.id2label, top_k)
+        def __call__(self, batch: Any) -> np.ndarray:
+            return Fake.forward(batch, self)
 
     class Fake(TorchHandlerBase[Loaded]):
         @staticmethod
@@ -299,7 +296,11 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
             return np.stack([[0.0, float(x[0])] for x in batch])
 
-    handler = Fake(ModelSpec("unused"), top_k=1, device="cpu")
+    handler = Fake(
+        LabelingSpec(model="unused", top_k=1, device="cpu"),
+        id2label={0: "a", 1: "b"},
+        function=ClassificationFunction.SOFTMAX,
+    )
     batch = [np.array([float(i % 2) * 5]) for i in range(8)]
     results = list(handler.run_inference(batch, Loaded()))
     assert len(results) == 8 and all(isinstance(r, Prediction) for r in results)

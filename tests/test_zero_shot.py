@@ -15,13 +15,12 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from tests.conftest import real_thumbnails
-from transforms.batching import batch_settings
+from tests.conftest import real_thumbnails, zero_shot_handler
 from transforms.label import LabelImageRows
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import ImageRow, Prediction
-from transforms.zero_shot import LabelSet, LabelSetError, ZeroShotModelHandler
+from transforms.zero_shot import LabelSet, LabelSetError
 
 LABELS = ("cat", "dog", "car", "coffee cup", "rocket", "astronaut")
 
@@ -33,7 +32,7 @@ def photos() -> list[Image.Image]:
 
 def _ours(model_dir: Path, images: list[Image.Image], label_set: LabelSet, top_k: int) -> list:
     spec = ModelSpec(str(model_dir))
-    handler = ZeroShotModelHandler(spec, label_set, top_k=top_k, device="cpu")
+    handler = zero_shot_handler(model_dir, label_set.labels, label_set.templates, top_k=top_k)
     loaded = handler.load_model()
     return list(handler.run_inference(ImagePreprocessor(spec)(images), loaded))
 
@@ -104,7 +103,7 @@ def test_prompt_ensembling_averages_normalized_text_embeddings(tiny_clip: Path) 
     from transformers import AutoModel, AutoTokenizer
 
     templates = ("a photo of a {}.", "a drawing of a {}.")
-    handler = ZeroShotModelHandler(ModelSpec(str(tiny_clip)), LabelSet(LABELS, templates))
+    handler = zero_shot_handler(tiny_clip, LABELS, templates)
     bank = handler.load_model().text_bank
     model = AutoModel.from_pretrained(tiny_clip).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip)
@@ -152,13 +151,7 @@ def test_text_tower_runs_once_per_load_not_per_batch(
         ).save(path)
         rows.append(ImageRow(index=f"0:{i}", uri=str(path), values={"n": i}))
     spec = ModelSpec(str(tiny_clip))
-    handler = ZeroShotModelHandler(
-        spec,
-        LabelSet(LABELS),
-        top_k=2,
-        device="cpu",
-        batching=batch_settings(batch_size=2, on_gpu=False),
-    )
+    handler = zero_shot_handler(tiny_clip, LABELS, top_k=2, batch_size=2)
     with BeamTestPipeline() as p:
         records = p | beam.Create(rows) | LabelImageRows(handler, ImagePreprocessor(spec))
         assert_that(
@@ -177,7 +170,7 @@ def test_ten_thousand_labels_are_encoded_in_bounded_batches(
     text_calls = _counting(monkeypatch, CLIPModel, "get_text_features")
     labels = tuple(f"thing {i}" for i in range(10_000))
     spec = ModelSpec(str(tiny_clip))
-    handler = ZeroShotModelHandler(spec, LabelSet(labels), top_k=3, text_batch_size=1000)
+    handler = zero_shot_handler(tiny_clip, labels, top_k=3, text_batch_size=1000)
     loaded = handler.load_model()
     assert tuple(loaded.text_bank.shape) == (10_000, 16)
     assert len(text_calls) == 10  # 10,000 prompts in passes of 1,000
@@ -316,7 +309,6 @@ def test_chunked_length_sorted_bank_equals_one_pass(tiny_clip: Path) -> None:
     import torch
 
     labels = ("a", "very long label with many words in it", "dog", "red car", "x y z w")
-    spec = ModelSpec(str(tiny_clip))
-    one_pass = ZeroShotModelHandler(spec, LabelSet(labels), text_batch_size=100).load_model()
-    chunked = ZeroShotModelHandler(spec, LabelSet(labels), text_batch_size=2).load_model()
+    one_pass = zero_shot_handler(tiny_clip, labels, text_batch_size=100).load_model()
+    chunked = zero_shot_handler(tiny_clip, labels, text_batch_size=2).load_model()
     assert torch.allclose(one_pass.text_bank, chunked.text_bank, atol=1e-5)

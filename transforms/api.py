@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -18,117 +17,21 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
-from transforms.batching import batch_settings
 from transforms.errors import ErrorCode, RowError
-from transforms.fetch import Fetcher, FetchOptions
-from transforms.handler_base import DEVICES, PRECISIONS, check_quantize
+from transforms.fetch import Fetcher
 from transforms.image_classification import ImageClassificationModelHandler
-from transforms.label import DecodeOptions, LabelImageRows, LabelingOptions, load_pixel_values
-from transforms.models import ModelSpec
-from transforms.postprocess import ClassificationFunction
+from transforms.label import LabelImageRows, LabelingOptions, load_pixel_values
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import ImageRow, Prediction
-from transforms.zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, LabelSet, ZeroShotModelHandler
-
-IMAGE_CLASSIFICATION = "image-classification"
-ZERO_SHOT = "zero-shot-image-classification"
-TASKS = (IMAGE_CLASSIFICATION, ZERO_SHOT)
+from transforms.spec import ZERO_SHOT, LabelingSpec, resolve
+from transforms.zero_shot import ZeroShotModelHandler
 
 
-@dataclass(frozen=True, kw_only=True)
-class LabelingSpec:
-    """Everything that decides the labels of an image; validated on construction.
-
-    Raises:
-        ValueError: naming the bad option (`LabelSetError` for bad labels).
-    """
-
-    model: str = "default"
-    revision: str | None = None
-    task: str = IMAGE_CLASSIFICATION
-    candidate_labels: tuple[str, ...] | None = None
-    hypothesis_template: tuple[str, ...] = (DEFAULT_HYPOTHESIS_TEMPLATE,)
-    top_k: int = 5
-    function_to_apply: str = "default"
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int | None = None
-    min_batch_size: int | None = None
-    max_batch_duration_secs: float | None = None
-    model_copies: int | None = None
-    share_model_across_processes: bool = False
-    torch_threads: int | None = None
-    compile: bool = False
-    quantize: str = "none"
-    allow_pickle_weights: bool = False
-    fetch: FetchOptions = field(default_factory=FetchOptions)
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
-
-    def __post_init__(self) -> None:
-        # Accept the forms callers write: a label list, one template string, None.
-        normalize = object.__setattr__
-        if self.candidate_labels is not None and not isinstance(self.candidate_labels, tuple):
-            normalize(self, "candidate_labels", tuple(self.candidate_labels))
-        if isinstance(self.hypothesis_template, str):
-            normalize(self, "hypothesis_template", (self.hypothesis_template,))
-        elif not isinstance(self.hypothesis_template, tuple):
-            normalize(self, "hypothesis_template", tuple(self.hypothesis_template))
-        if self.fetch is None:
-            normalize(self, "fetch", FetchOptions())
-        if self.decode is None:
-            normalize(self, "decode", DecodeOptions())
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        ClassificationFunction(self.function_to_apply)
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError("torch_threads must be >= 1")
-        check_quantize(self.quantize, self.device, self.precision)
-        if self.task == ZERO_SHOT:
-            self.label_set  # noqa: B018 - validates labels and templates
-            if self.function_to_apply != "default":
-                raise ValueError("function_to_apply does not apply to zero-shot classification")
-        elif self.candidate_labels is not None:
-            raise ValueError("candidate_labels apply only to zero-shot-image-classification")
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.model, self.revision, self.allow_pickle_weights)
-
-    @property
-    def label_set(self) -> LabelSet:
-        return LabelSet(tuple(self.candidate_labels or ()), tuple(self.hypothesis_template))
-
-    def make_handler(self) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:
-        """The RunInference handler for this spec."""
-        common: dict[str, Any] = {
-            "top_k": self.top_k,
-            "device": self.device,
-            "precision": self.precision,
-            "batching": batch_settings(
-                batch_size=self.batch_size,
-                on_gpu=self.device == "cuda",
-                min_batch_size=self.min_batch_size,
-                max_batch_duration_secs=self.max_batch_duration_secs,
-            ),
-            "model_copies": self.model_copies,
-            "share_model_across_processes": self.share_model_across_processes,
-            "torch_threads": self.torch_threads,
-            "compile": self.compile,
-            "quantize": self.quantize,
-        }
-        if self.task == ZERO_SHOT:
-            return ZeroShotModelHandler(self.model_spec, self.label_set, **common)
-        return ImageClassificationModelHandler(
-            self.model_spec, function_to_apply=self.function_to_apply, **common
-        )
+def make_handler(spec: LabelingSpec) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:
+    """The RunInference handler for a resolved spec."""
+    if spec.task == ZERO_SHOT:
+        return ZeroShotModelHandler(spec)
+    return ImageClassificationModelHandler(spec)
 
 
 def _as_mapping(element: Any) -> dict[str, Any] | None:
@@ -247,46 +150,12 @@ class LabelImages(beam.PTransform):
     def __init__(
         self,
         *,
-        model: str = "default",
-        task: str = IMAGE_CLASSIFICATION,
-        candidate_labels: Sequence[str] | None = None,
-        hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
-        top_k: int = 5,
-        function_to_apply: str = "default",
-        revision: str | None = None,
-        device: str = "auto",
-        precision: str = "fp32",
-        batch_size: int | None = None,
-        model_copies: int | None = None,
-        share_model_across_processes: bool = False,
-        compile: bool = False,
-        quantize: str = "none",
-        allow_pickle_weights: bool = False,
-        fetch: FetchOptions | None = None,
-        decode: DecodeOptions | None = None,
         image_field: str = "image",
         uri_field: str = "uri",
         keep_image_field: bool = False,
+        **options: Any,
     ) -> None:
-        spec = LabelingSpec(
-            model=model,
-            task=task,
-            candidate_labels=candidate_labels,  # type: ignore[arg-type]  # normalized
-            hypothesis_template=hypothesis_template,  # type: ignore[arg-type]
-            top_k=top_k,
-            function_to_apply=function_to_apply,
-            revision=revision,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            model_copies=model_copies,
-            share_model_across_processes=share_model_across_processes,
-            compile=compile,
-            quantize=quantize,
-            allow_pickle_weights=allow_pickle_weights,
-            fetch=fetch or FetchOptions(),
-            decode=decode or DecodeOptions(),
-        )
+        spec = resolve(LabelingSpec.from_options("LabelImages", options), local=False)
         super().__init__()
         self._init(spec, image_field, uri_field, keep_image_field)
 
@@ -295,7 +164,7 @@ class LabelImages(beam.PTransform):
         self._image_field = image_field
         self._uri_field = uri_field
         self._keep_image_field = keep
-        self._handler = spec.make_handler()
+        self._handler = make_handler(spec)
         self._preprocessor = ImagePreprocessor(spec.model_spec)
 
     @classmethod
@@ -307,7 +176,7 @@ class LabelImages(beam.PTransform):
         uri_field: str = "uri",
         keep_image_field: bool = False,
     ) -> LabelImages:
-        """Build from a ready `LabelingSpec` (the CLI job does this)."""
+        """Build from a resolved `LabelingSpec` (the CLI job does this)."""
         self = cls.__new__(cls)
         beam.PTransform.__init__(self)
         self._init(spec, image_field, uri_field, keep_image_field)
@@ -339,31 +208,30 @@ class LabelImages(beam.PTransform):
 # ---- classify: the seed's call style, no Beam -----------------------------------
 
 _CACHE: dict[LabelingSpec, tuple[Any, Any, ImagePreprocessor]] = {}
+_RESOLVED: dict[LabelingSpec, LabelingSpec] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def _loaded(spec: LabelingSpec) -> tuple[Any, Any, ImagePreprocessor]:
     with _CACHE_LOCK:
         if spec not in _CACHE:
-            handler = spec.make_handler()
+            handler = make_handler(spec)
             preprocessor = ImagePreprocessor(spec.model_spec)
             preprocessor.setup()
             _CACHE[spec] = (handler, handler.load_model(), preprocessor)
         return _CACHE[spec]
 
 
-def classify(
-    images: Any, *, batch_size: int = 16, **options: Any
-) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+def classify(images: Any, **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
     """Label images in memory, in the style of `transformers.pipeline`.
 
     Args:
         images: one image or a list: paths, URLs (any allowed scheme), encoded
             bytes or PIL images.
-        batch_size: images per forward pass.
-        options: any `LabelingSpec` field (`model`, `task`, `candidate_labels`,
-            `hypothesis_template`, `top_k`, `function_to_apply`, `device`, ...),
-            as for `LabelImages`; an unknown name is a TypeError naming it.
+        options: any `LabelingSpec` option (`model`, `task`, `candidate_labels`,
+            `hypothesis_template`, `top_k`, `function_to_apply`, `device`,
+            `batch_size`, ...), as for `LabelImages` and the CLI; an unknown
+            name is a TypeError naming it, a bad value a `ConfigError`.
 
     Returns:
         For one image, a list of ``{"label", "score"}`` dicts, best first; for a
@@ -381,10 +249,16 @@ def classify(
     """
     single = not isinstance(images, (list, tuple))
     inputs = [images] if single else list(images)
-    spec = LabelingSpec(batch_size=batch_size, **options)
-    handler, loaded, preprocessor = _loaded(spec)
-    draft_side = preprocessor.draft_side if spec.decode.draft else None
-    fetcher = Fetcher(spec.fetch)
+    spec = LabelingSpec.from_options("classify", options)
+    with _CACHE_LOCK:
+        resolved = _RESOLVED.get(spec)
+    if resolved is None:
+        resolved = resolve(spec, local=True, keep_model=True)
+        with _CACHE_LOCK:
+            _RESOLVED[spec] = resolved
+    handler, loaded, preprocessor = _loaded(resolved)
+    draft_side = preprocessor.draft_side if resolved.fast_decode else None
+    fetcher = Fetcher(resolved.fetch)
     try:
         pixel_values = []
         for item in inputs:
@@ -395,7 +269,7 @@ def classify(
                         row,
                         fetcher=fetcher,
                         preprocessor=preprocessor,
-                        decode=spec.decode,
+                        decode=resolved.decode,
                         draft_side=draft_side,
                     )
                 )
@@ -403,6 +277,7 @@ def classify(
                 raise ValueError(str(e)) from e
     finally:
         fetcher.close()
+    batch_size = resolved.batching.max_batch_size
     results: list[list[dict[str, Any]]] = []
     for start in range(0, len(pixel_values), batch_size):
         for result in handler.run_inference(pixel_values[start : start + batch_size], loaded):

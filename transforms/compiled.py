@@ -95,6 +95,8 @@ class CompiledForward:
             try:
                 out = compiled(x)
                 self.compiled_calls += 1
+                if self.compiled_calls == 1:
+                    logger.info("The compiled forward pass ran its first batch")
                 return out
             except Exception as e:
                 self._give_up(f"a compiled call failed: {type(e).__name__}: {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -21,6 +22,23 @@ try:  # HEIC/HEIF when the optional plugin is installed (AVIF is built into Pill
     pillow_heif.register_heif_opener()
 except ImportError:
     pass
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images are decoded (checked by `LabelingSpec`, which builds this).
+
+    Attributes:
+        max_pixels: decompression-bomb limit.
+        fast: decode large JPEGs at reduced scale (see `decode_image`). Off by
+            default: the pixels then differ from what `transformers.pipeline`
+            decodes, and so can labels.
+        threads: images decoded and preprocessed at once per worker process.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fast: bool = False
+    threads: int = 2
 
 
 def decode_image(
@@ -111,4 +129,5 @@ def _sniff(data: bytes) -> str:
         return "looks like XML/SVG"
     if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:256]):
         return "looks like text"
-    return f"{len(data)} bytes, starts with {data[:8].hex()}"
+    # Never the bytes themselves: error rows and logs must not leak file contents.
+    return f"{len(data)} bytes of an unknown format"

@@ -42,6 +42,12 @@ class ErrorCode(str, Enum):
     TOO_MANY_REDIRECTS = "too_many_redirects"
     INCOMPLETE_DOWNLOAD = "incomplete_download"
     FETCH_FAILED = "fetch_failed"
+    IS_DIRECTORY = "is_directory"
+    IS_FIFO = "is_fifo"
+    IS_DEVICE = "is_device"
+    IS_SOCKET = "is_socket"
+    NOT_A_FILE = "not_a_file"
+    SYMLINK_LOOP = "symlink_loop"
     # decode_error
     EMPTY_FILE = "empty_file"
     NOT_AN_IMAGE = "not_an_image"

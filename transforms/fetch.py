@@ -1,10 +1,11 @@
 """Fetching image bytes: concurrent, bounded, retried, every failure an error code.
 
 http(s) goes through one aiohttp session per worker, on an event loop in a
-background thread, with a global and a per-host concurrency cap. Other schemes
-(local files, gs:// through gcsfs, s3:// through s3fs) go through fsspec in the
-caller's thread; `FetchDecodePreprocess` calls `Fetcher.fetch` from a thread
-pool, so latency overlaps either way.
+background thread, with a global and a per-host concurrency cap. gs:// (gcsfs)
+and s3:// (s3fs) go through fsspec's async filesystems, one ranged read per
+attempt under a deadline. Local paths are checked with `stat` first, so a FIFO,
+a device or a directory is an error row at once instead of a blocking read.
+`--fetch-timeout` is a total deadline per attempt for every scheme.
 
 Only transient failures are retried (HTTP 408/425/429/5xx, timeouts, connection
 resets, incomplete bodies), with exponential backoff and full jitter, honouring
@@ -18,8 +19,10 @@ import concurrent.futures
 import email.utils
 import errno
 import logging
+import os
 import random
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +52,8 @@ class FetchOptions:
 
     Attributes:
         allowed_schemes: URI schemes that may be fetched; others are `invalid_input`.
-        timeout_s: per-request timeout (connect + read) for network fetches.
+        timeout_s: deadline of one fetch attempt (connect, headers and body), for
+            every scheme.
         max_bytes: a download past this size is aborted (`too_large`).
         retries: extra attempts after a transient failure (0 = no retry).
         concurrency: fetches in flight per worker process.
@@ -69,12 +73,6 @@ class FetchOptions:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_redirects: int = 10
-
-    def __post_init__(self) -> None:
-        if self.retries < 0 or self.concurrency < 1 or self.per_host < 1:
-            raise ValueError("retries must be >= 0, concurrency and per_host >= 1")
-        if self.timeout_s <= 0 or self.max_bytes < 1:
-            raise ValueError("timeout_s and max_bytes must be positive")
 
 
 def scheme_of(uri: str) -> str:
@@ -117,6 +115,11 @@ def classify_fetch_error(uri: str, error: BaseException) -> RowError:
     if isinstance(error, RowError):
         return error
     where = redact_uri(uri)
+    if isinstance(error, ImportError):
+        return RowError(
+            ErrorCode.UNSUPPORTED_SCHEME,
+            f"{where}: the {scheme_of(uri)}:// filesystem is not installed ({error.name or error})",
+        )
     detail = f"{where}: {type(error).__name__}: {error}"
     name = type(error).__name__.lower()
     status = _http_status(error)
@@ -126,6 +129,8 @@ def classify_fetch_error(uri: str, error: BaseException) -> RowError:
         return RowError(ErrorCode.NOT_FOUND, where)
     if isinstance(error, PermissionError):
         return RowError(ErrorCode.PERMISSION_DENIED, where)
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return RowError(ErrorCode.SYMLINK_LOOP, where)
     if isinstance(error, (TimeoutError, asyncio.TimeoutError, socket.timeout)) or "timeout" in name:
         return RowError(ErrorCode.TIMEOUT, detail)
     if "payload" in name or "incompleteread" in name or "contentlength" in name:
@@ -203,6 +208,7 @@ class Fetcher:
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._sync_slots = threading.BoundedSemaphore(self.options.concurrency)
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -218,6 +224,9 @@ class Fetcher:
     def close(self) -> None:
         with self._lock:
             loop, self._loop = self._loop, None
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=False, cancel_futures=True)
         if loop is None:
             return
         if self._session is not None:
@@ -270,14 +279,53 @@ class Fetcher:
                 attempt += 1
 
     def _fetch_fsspec(self, uri: str) -> bytes:
-        with fsspec.open(uri, "rb") as f:
-            data: bytes = f.read(self.options.max_bytes + 1)
+        """One attempt at a local, gs:// or s3:// object, within the deadline."""
+        limit = self.options.max_bytes
+        timeout = self.options.timeout_s
+        if scheme_of(uri) == "file":
+            path = uri[len("file://") :] if uri.startswith("file://") else uri
+            data = self._with_deadline(lambda: read_local_file(path, limit), timeout)
+        else:
+            from fsspec.asyn import AsyncFileSystem, sync
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            if isinstance(fs, AsyncFileSystem):
+                # One ranged read, cancelled at the deadline (gcsfs and s3fs retry
+                # internally; the deadline bounds the whole attempt).
+                try:
+                    data = sync(
+                        fs.loop, fs._cat_file, path, start=0, end=limit + 1, timeout=timeout
+                    )
+                except fsspec.exceptions.FSTimeoutError:
+                    raise TimeoutError(f"no complete response within {timeout:g}s") from None
+            else:
+                data = self._with_deadline(
+                    lambda: fs.cat_file(path, start=0, end=limit + 1), timeout
+                )
         if len(data) > self.options.max_bytes:
             raise RowError(
                 ErrorCode.TOO_LARGE,
                 f"{redact_uri(uri)} is larger than the {self.options.max_bytes} byte limit",
             )
         return data
+
+    def _with_deadline(self, read: Callable[[], bytes], timeout: float) -> bytes:
+        """`read()` on a reader thread, given up after `timeout` seconds.
+
+        A read stuck in the kernel (a hung network mount) cannot be
+        interrupted; the row fails as `timeout` and the reader thread is left
+        to finish on its own.
+        """
+        with self._lock:
+            if self._readers is None:
+                self._readers = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.options.concurrency, thread_name_prefix="read"
+                )
+        future = self._readers.submit(read)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the read did not finish within {timeout:g}s") from None
 
     async def _http_session(self) -> Any:
         import aiohttp
@@ -348,6 +396,53 @@ class Fetcher:
                         f"{redact_uri(uri)} is larger than the {limit} byte limit",
                     )
             return bytes(data)
+
+
+_LOCAL_KINDS = (
+    (stat.S_ISDIR, ErrorCode.IS_DIRECTORY, "is a directory"),
+    (stat.S_ISFIFO, ErrorCode.IS_FIFO, "is a FIFO (named pipe)"),
+    (stat.S_ISCHR, ErrorCode.IS_DEVICE, "is a character device"),
+    (stat.S_ISBLK, ErrorCode.IS_DEVICE, "is a block device"),
+    (stat.S_ISSOCK, ErrorCode.IS_SOCKET, "is a socket"),
+)
+
+
+def _check_regular(path: str, mode: int, size: int, limit: int) -> None:
+    for test, code, what in _LOCAL_KINDS:
+        if test(mode):
+            raise RowError(code, f"{path} {what}, not a regular file")
+    if not stat.S_ISREG(mode):
+        raise RowError(ErrorCode.NOT_A_FILE, f"{path} is not a regular file")
+    if size > limit:
+        raise RowError(ErrorCode.TOO_LARGE, f"{path} is {size} bytes, over the {limit} byte limit")
+
+
+def read_local_file(path: str, limit: int) -> bytes:
+    """Read a local image file, never opening anything but a regular file.
+
+    `stat` first: a FIFO would block `open` forever, `/dev/zero` would never
+    end, a directory or socket cannot be read. The file is then opened
+    non-blocking and checked again, in case it changed in between, and at
+    most `limit + 1` bytes are read.
+
+    Raises:
+        RowError: a specific code per kind of path; OSError for other failures
+            (classified by `classify_fetch_error`).
+    """
+    _check_regular(path, *_stat(path), limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        _check_regular(path, info.st_mode, info.st_size, limit)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_mode, info.st_size
 
 
 def fetch_bytes(uri: str | None, options: FetchOptions | None = None) -> bytes:

@@ -10,41 +10,25 @@ isolation of inference failures.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.batching import BatchSettings, batch_settings
 from transforms.compiled import CompiledForward
 from transforms.errors import RowError
 from transforms.inference import isolate_failures, start_preload, take_preloaded
-from transforms.models import ModelSpec
-from transforms.postprocess import apply_function, top_k_predictions
+from transforms.postprocess import ClassificationFunction, apply_function, top_k_predictions
 from transforms.rows import Prediction
+from transforms.spec import LabelingSpec, check_device_support, resolve_device
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-QUANTIZATIONS = ("none", "int8")
-DEVICES = ("auto", "cpu", "cuda")
 METRICS_NAMESPACE = "image_labeler"
 
 LoadedT = TypeVar("LoadedT")
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" means cuda when torch sees a GPU, else cpu."""
-    import torch
-
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return device
 
 
 def torch_dtype(precision: str) -> Any:
@@ -68,16 +52,6 @@ def batch_to_device(batch: Sequence[np.ndarray], device: str, dtype: Any) -> Any
     return tensor.to(dtype=dtype)
 
 
-def check_quantize(quantize: str, device: str, precision: str) -> None:
-    """Reject a quantization that cannot run with this device and precision."""
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
-    if quantize != "none" and device == "cuda":
-        raise ValueError("quantize int8 runs on CPU only; use --precision fp16 on a GPU")
-    if quantize != "none" and precision != "fp32":
-        raise ValueError("quantize int8 needs --precision fp32 (it quantizes fp32 weights)")
-
-
 def quantize_int8(model: Any) -> Any:
     """Dynamic int8 quantization of every `nn.Linear` (weights int8, activations
     quantized per batch): for transformers (ViT, CLIP) on CPU, where Linear
@@ -97,14 +71,6 @@ def quantize_int8(model: Any) -> Any:
         # Deprecated in favour of torchao, still present and working in the pinned torch.
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def to_predictions(
-    logits: np.ndarray, function: Any, id2label: dict[int, str], top_k: int
-) -> list[Prediction]:
-    """Score function and top-k labels of a batch's logits (what a loaded model's
-    `__call__(batch, top_k)` returns)."""
-    return top_k_predictions(apply_function(logits, function), id2label, top_k)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -129,65 +95,44 @@ class TorchHandlerBase(
 ):
     """Base of the image-classification and zero-shot handlers.
 
+    A handler is built from a checked `LabelingSpec` (its options are validated
+    there, once). The loaded model only maps a batch to logits; top-k and the
+    score function are postprocessing, applied here after the model call
+    (`postprocess`), as Beam's `PredictionResult` postprocessing and HF's
+    `postprocess` step do.
+
     Args:
-        spec: which model to load.
-        top_k: labels kept per image (capped at the label count); 0 keeps all.
-        device: "auto", "cpu" or "cuda".
-        precision: "fp32", "fp16" or "bf16" (fp16 needs a GPU).
-        batching: BatchElements settings (`transforms.batching.batch_settings`).
-        model_copies: models loaded per worker machine, shared across its
-            processes (GPU workers); None loads one per process.
-        share_model_across_processes: load one model per machine even without
-            `model_copies` (large models).
-        torch_threads: torch intra-op threads; None keeps torch's default (all
-            cores), which oversubscribes a VM running one process per core.
-        compile: compile the forward pass with `torch.compile` in the
-            background and switch to it once ready (`transforms.compiled`).
-        quantize: "int8" quantizes the model's Linear layers to int8 with
-            dynamic activation scales (CPU only); "none" keeps the precision.
+        labeling: the checked spec (model, top_k, device, precision, batching,
+            model_copies, share_model_across_processes, torch_threads, compile,
+            quantize).
+        id2label: label of each logit column.
+        function: the resolved score function.
     """
 
     def __init__(
         self,
-        spec: ModelSpec,
+        labeling: LabelingSpec,
         *,
-        top_k: int = 5,
-        device: str = "auto",
-        precision: str = "fp32",
-        batching: BatchSettings | None = None,
-        model_copies: int | None = None,
-        share_model_across_processes: bool = False,
-        torch_threads: int | None = None,
-        compile: bool = False,
-        quantize: str = "none",
+        id2label: dict[int, str],
+        function: ClassificationFunction,
     ) -> None:
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision == "fp16" and device == "cpu":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        if model_copies is not None and model_copies < 1:
-            raise ValueError("model_copies must be >= 1")
-        if torch_threads is not None and torch_threads < 1:
-            raise ValueError("torch_threads must be >= 1")
-        check_quantize(quantize, device, precision)
-        batching = batching or batch_settings(batch_size=None, on_gpu=device == "cuda")
+        batching = labeling.batching
         super().__init__(
             **batching.as_kwargs(),
-            large_model=share_model_across_processes,
-            model_copies=model_copies,
+            large_model=labeling.share_model_across_processes,
+            model_copies=labeling.model_copies,
         )
-        self._spec = spec
-        self._top_k = top_k
-        self._device = device
-        self._precision = precision
-        self._torch_threads = torch_threads
-        self._compile = compile
-        self._quantize = quantize
+        self.labeling = labeling
+        self._spec = labeling.model_spec
+        self._top_k = labeling.top_k
+        self._device = labeling.device
+        self._precision = labeling.precision
+        self._torch_threads = labeling.torch_threads
+        self._compile = labeling.compile
+        self._quantize = labeling.quantize
         self._batch_size = batching.max_batch_size
+        self._id2label = id2label
+        self._function = function
 
     # -- loading -------------------------------------------------------------
 
@@ -210,7 +155,11 @@ class TorchHandlerBase(
         return preloaded if preloaded is not None else self._load()
 
     def _torch_setup(self) -> tuple[str, Any]:
-        """Quiet progress bars, apply torch_threads; the resolved device and dtype."""
+        """Quiet progress bars, apply torch_threads; the resolved device and dtype.
+
+        On a worker, "auto" is resolved here; a precision or quantization that
+        the device cannot run fails the load (the same check as `resolve`).
+        """
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -218,7 +167,9 @@ class TorchHandlerBase(
             import torch
 
             torch.set_num_threads(self._torch_threads)
-        return resolve_device(self._device), torch_dtype(self._precision)
+        device = resolve_device(self._device)
+        check_device_support(device, self._precision, self._quantize)
+        return device, torch_dtype(self._precision)
 
     def _load(self) -> LoadedT:
         raise NotImplementedError
@@ -232,8 +183,15 @@ class TorchHandlerBase(
         return quantize_int8(model)
 
     def _forward_fn(self, fn: Callable[[Any], Any]) -> CompiledForward:
-        """The batch forward function, compiled in the background if `compile`."""
-        return CompiledForward(fn, batch_size=self._batch_size, enabled=self._compile)
+        """The batch forward function, compiled in the background if `compile`.
+
+        `IMAGE_LABELER_COMPILE_BLOCKING=1` compiles on the first full batch
+        instead, so a short run (a test) really runs compiled batches.
+        """
+        blocking = os.environ.get("IMAGE_LABELER_COMPILE_BLOCKING") == "1"
+        return CompiledForward(
+            fn, batch_size=self._batch_size, enabled=self._compile, background=not blocking
+        )
 
     # -- inference -----------------------------------------------------------
 
@@ -266,15 +224,19 @@ class TorchHandlerBase(
             )
 
     def _predict(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
-        """Forward pass, the model family's score function, top-k labels.
+        """One call of the loaded model (batch in, logits out), then postprocess.
 
-        One call of the loaded model (`model(batch, top_k)`, see `to_predictions`):
-        with `model_copies` or `share_model_across_processes`, `model` is a
+        With `model_copies` or `share_model_across_processes`, `model` is a
         proxy of a model living in another process, and a proxy passes calls,
-        not attribute reads. So the whole prediction runs where the model is,
-        and only the batch and the `Prediction`s cross over.
+        not attribute reads: only the batch and the logits cross over.
         """
-        return list(model(batch, self._top_k))
+        return self.postprocess(model(batch))
+
+    def postprocess(self, logits: np.ndarray) -> list[Prediction]:
+        """Score function and top-k labels of a batch's logits, best first."""
+        return top_k_predictions(
+            apply_function(logits, self._function), self._id2label, self._top_k
+        )
 
     @staticmethod
     def forward(batch: Sequence[np.ndarray], model: Any) -> np.ndarray:

@@ -11,13 +11,10 @@ import numpy as np
 
 from transforms.batchnorm import fold_batchnorm
 from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device, to_predictions
-from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
-from transforms.postprocess import (
-    ClassificationFunction,
-    resolve_function,
-)
-from transforms.rows import Prediction
+from transforms.handler_base import TorchHandlerBase, batch_to_device
+from transforms.models import load_pretrained
+from transforms.postprocess import resolve_function
+from transforms.spec import LabelingSpec, model_facts
 from transforms.static_padding import make_tf_padding_static
 
 logger = logging.getLogger(__name__)
@@ -79,16 +76,13 @@ class LoadedClassifier:
     model: Any
     device: str
     dtype: Any
-    id2label: dict[int, str]
-    function: ClassificationFunction
     #: pixel_values -> logits: the model, or its compiled twin once ready.
     logits: CompiledForward
     memory_format: Any = None  # torch.channels_last for convolutional models
 
-    def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
-        """The whole prediction for a batch, run where the model lives."""
-        logits = ImageClassificationModelHandler.forward(batch, self)
-        return to_predictions(logits, self.function, self.id2label, top_k)
+    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        """A batch's logits, computed where the model lives."""
+        return ImageClassificationModelHandler.forward(batch, self)
 
 
 class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
@@ -102,40 +96,26 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
 
     Example::
 
-        handler = ImageClassificationModelHandler(ModelSpec("path/to/model"), top_k=3)
-        keyed = KeyedModelHandler(handler)
+        spec = resolve(LabelingSpec(model="path/to/model", top_k=3), local=True)
+        keyed = KeyedModelHandler(ImageClassificationModelHandler(spec))
         results = keyed_pixel_values | RunInference(keyed)
 
     Args:
-        spec: which model to load.
-        function_to_apply: "default", "softmax", "sigmoid" or "none".
-        options: `top_k`, `device`, `precision`, `batching`, `model_copies`,
-            `share_model_across_processes`, `torch_threads`, `compile`,
-            `quantize`, as documented on
-            `TorchHandlerBase` (keyword-only; an unknown one is a TypeError).
+        labeling: a checked spec; `top_k` and `function_to_apply` are applied
+            in postprocessing, after the forward pass.
     """
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        *,
-        function_to_apply: str = "default",
-        **options: Any,
-    ) -> None:
-        ClassificationFunction(function_to_apply)  # raises on a bad value
-        super().__init__(spec, **options)
-        self._function = function_to_apply
+    def __init__(self, labeling: LabelingSpec) -> None:
+        facts = model_facts(labeling.model_spec)
+        super().__init__(
+            labeling,
+            id2label=facts.id2label,
+            function=resolve_function(labeling.function_to_apply, facts.config),
+        )
 
     def _load(self) -> LoadedClassifier:
-        from transformers import AutoModelForImageClassification
-
         device, dtype = self._torch_setup()
-        try:
-            model = AutoModelForImageClassification.from_pretrained(
-                resolve_model(self._spec), dtype=dtype, **from_pretrained_kwargs(self._spec)
-            )
-        except Exception as e:
-            raise explain_load_error(self._spec, e) from e
+        model = load_pretrained(self._spec, zero_shot=False, precision=self._precision)
         model.eval().to(device)
         padded, folded = streamline_classifier(model, device)
         if folded:
@@ -146,14 +126,10 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         if memory_format is not None:
             model.to(memory_format=memory_format)
         model = self._optimize(model, device)
-        config = model.config
-        id2label = {int(k): str(v) for k, v in config.id2label.items()}
         return LoadedClassifier(
             model=model,
             device=device,
             dtype=dtype,
-            id2label=id2label,
-            function=resolve_function(self._function, config),
             memory_format=memory_format,
             logits=self._forward_fn(lambda x: model(pixel_values=x).logits),
         )

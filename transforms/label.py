@@ -23,7 +23,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageOps
 
-from transforms.decode import DEFAULT_MAX_PIXELS, decode_image
+from transforms.decode import DecodeOptions, decode_image
 from transforms.errors import ErrorCode, RowError, Status
 from transforms.fetch import Fetcher, FetchOptions, scheme_of
 from transforms.handler_base import METRICS_NAMESPACE
@@ -33,21 +33,6 @@ from transforms.rows import ImageRow, Prediction, error_record, ok_record
 logger = logging.getLogger(__name__)
 
 ERRORS_TAG = "errors"
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How images are decoded.
-
-    Attributes:
-        max_pixels: decompression-bomb limit.
-        draft: decode large JPEGs at reduced scale (see `decode_image`).
-        threads: images decoded and preprocessed at once per worker process.
-    """
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    draft: bool = True
-    threads: int = 2
 
 
 def load_pixel_values(
@@ -144,7 +129,7 @@ class FetchDecodePreprocess(beam.DoFn):
 
     def setup(self) -> None:
         self._preprocessor.setup()
-        self._draft_side = self._preprocessor.draft_side if self._decode.draft else None
+        self._draft_side = self._preprocessor.draft_side if self._decode.fast else None
         self._fetcher = Fetcher(self._fetch)
         # Decoding runs on a few threads only; network fetches wait elsewhere
         # (http(s) on the fetcher's event loop, gs:// and s3:// on an I/O pool),

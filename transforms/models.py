@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,84 @@ def explain_load_error(spec: ModelSpec, error: BaseException) -> ModelLoadError:
             "to load .bin weights from a source you trust."
         )
     return ModelLoadError(f"cannot load model {spec.model!r}: {text}.{hint}")
+
+
+# ---- loading weights: never a silently random model ---------------------------------
+
+_KEPT: dict[tuple[ModelSpec, bool, str], Any] = {}
+_KEPT_LOCK = threading.Lock()
+
+
+def _model_class(zero_shot: bool) -> Any:
+    if zero_shot:
+        from transformers import AutoModel
+
+        return AutoModel
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification
+
+
+def load_pretrained(spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32") -> Any:
+    """Load the model's weights, refusing any that transformers would initialize.
+
+    transformers fills weights missing from a checkpoint with random values and
+    only logs it (a CLIP checkpoint loaded as a classifier gets a random head;
+    a base model gets a random `classifier.*`). Labels from such a model are
+    noise, so a missing weight is an error that names it. A model kept by
+    `check_pretrained(keep=True)` in this process is returned instead of
+    loading it again.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded, or weights are missing.
+    """
+    with _KEPT_LOCK:
+        kept = _KEPT.pop((spec, zero_shot, precision), None)
+    if kept is not None:
+        return kept
+    from transforms.handler_base import torch_dtype
+
+    try:
+        model, info = _model_class(zero_shot).from_pretrained(
+            resolve_model(spec),
+            dtype=torch_dtype(precision),
+            output_loading_info=True,
+            **from_pretrained_kwargs(spec),
+        )
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise explain_load_error(spec, e) from e
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(
+        str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or ()
+    )
+    if missing or mismatched:
+        names = missing + mismatched
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        hint = (
+            "; for a CLIP/SigLIP checkpoint use --task zero-shot-image-classification with "
+            "--candidate-labels"
+            if not zero_shot and any(n.startswith("classifier") for n in names)
+            else ""
+        )
+        raise ModelLoadError(
+            f"model {spec.model!r} lacks weights that transformers would initialize at "
+            f"random ({shown}), so its labels would be noise{hint}"
+        )
+    return model
+
+
+def check_pretrained(
+    spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32", keep: bool = False
+) -> None:
+    """Load the weights once now (see `load_pretrained`), keeping them for this
+    process's handler when `keep`.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded, or weights are missing.
+    """
+    model = load_pretrained(spec, zero_shot=zero_shot, precision=precision)
+    if keep:
+        with _KEPT_LOCK:
+            _KEPT[(spec, zero_shot, precision)] = model

@@ -15,8 +15,6 @@ sigmoid per label for SigLIP-like models.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,71 +23,26 @@ from typing import Any
 import numpy as np
 
 from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device, to_predictions
-from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
+from transforms.handler_base import TorchHandlerBase, batch_to_device
+from transforms.label_set import (  # noqa: F401 - re-exported
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    LabelSet,
+    LabelSetError,
+    is_sigmoid_family,
+)
+from transforms.models import (
+    explain_load_error,
+    from_pretrained_kwargs,
+    load_pretrained,
+    resolve_model,
+)
 from transforms.postprocess import ClassificationFunction
-from transforms.rows import Prediction
+from transforms.spec import LabelingSpec, model_facts
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
 #: Prompts encoded per text-tower forward pass while building the label bank.
 TEXT_BATCH_SIZE = 256
-
-
-class LabelSetError(ValueError):
-    """Candidate labels or templates that cannot be used; the message says which."""
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    """Candidate labels and the hypothesis templates that turn them into prompts.
-
-    With several templates, the label's text embedding is the mean of its
-    normalized per-template embeddings, normalized again (prompt ensembling, as
-    in the CLIP paper's ImageNet evaluation).
-    """
-
-    labels: tuple[str, ...]
-    templates: tuple[str, ...] = (DEFAULT_HYPOTHESIS_TEMPLATE,)
-
-    def __post_init__(self) -> None:
-        if not self.labels:
-            raise LabelSetError(
-                "zero-shot classification needs candidate labels: pass --candidate-labels "
-                "or --candidate-labels-file"
-            )
-        empty = [i for i, label in enumerate(self.labels) if not label.strip()]
-        if empty:
-            raise LabelSetError(f"candidate label(s) at position(s) {empty} are empty")
-        seen: dict[str, int] = {}
-        duplicates: list[str] = []
-        for label in self.labels:
-            seen[label] = seen.get(label, 0) + 1
-            if seen[label] == 2:
-                duplicates.append(label)
-        if duplicates:
-            raise LabelSetError(f"duplicate candidate label(s): {duplicates}")
-        if not self.templates:
-            raise LabelSetError("at least one hypothesis template is needed")
-        for template in self.templates:
-            if "{}" not in template:
-                raise LabelSetError(
-                    f"hypothesis template {template!r} has no '{{}}' where the label goes"
-                )
-
-    def digest(self) -> str:
-        """A short hash of the label list (and templates), for metadata and resume."""
-        payload = json.dumps([list(self.labels), list(self.templates)], ensure_ascii=False)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def prompts(self, template: str) -> list[str]:
-        return [template.format(label) for label in self.labels]
-
-
-def is_sigmoid_family(model_type: str) -> bool:
-    """SigLIP-like models score each label independently (as transformers does)."""
-    return "siglip" in model_type
 
 
 def tokenizer_kwargs(model_type: str) -> dict[str, Any]:
@@ -114,15 +67,12 @@ class LoadedZeroShot:
     text_bank: Any  # (num_labels, dim) float32 tensor, L2-normalized
     logit_scale: float
     logit_bias: float
-    function: ClassificationFunction
-    id2label: dict[int, str]
     #: pixel_values -> image embeddings: the image tower, or its compiled twin once ready.
     image_features: CompiledForward
 
-    def __call__(self, batch: Sequence[np.ndarray], top_k: int) -> list[Prediction]:
-        """The whole prediction for a batch, run where the model lives."""
-        logits = ZeroShotModelHandler.forward(batch, self)
-        return to_predictions(logits, self.function, self.id2label, top_k)
+    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        """A batch's logits over the labels, computed where the model lives."""
+        return ZeroShotModelHandler.forward(batch, self)
 
 
 def encode_label_bank(
@@ -170,48 +120,41 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
 
     Examples are preprocessed `pixel_values` (C, H, W) from `ImagePreprocessor`.
     `load_model` loads `AutoModel` and its tokenizer and encodes the label bank;
-    `run_inference` runs only the image tower.
+    `run_inference` runs only the image tower and one product with the bank.
 
     Example::
 
-        labels = LabelSet(("cat", "dog", "car"))
-        handler = ZeroShotModelHandler(ModelSpec("path/to/clip"), labels, top_k=2)
+        spec = LabelingSpec(model="path/to/clip", candidate_labels=("cat", "dog"), top_k=2)
+        handler = ZeroShotModelHandler(resolve(spec, local=True))
         results = keyed_pixel_values | RunInference(KeyedModelHandler(handler))
 
     Args:
-        spec: a CLIP- or SigLIP-family model.
-        label_set: candidate labels and hypothesis templates.
+        labeling: a checked spec with candidate labels (`resolve` reads a label file).
         text_batch_size: prompts per text-tower pass while building the bank.
-        options: `top_k`, `device`, `precision`, `batching`, `model_copies`,
-            `share_model_across_processes`, `torch_threads`, `compile`,
-            `quantize`, as documented on
-            `TorchHandlerBase` (keyword-only; an unknown one is a TypeError).
     """
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        label_set: LabelSet,
-        *,
-        text_batch_size: int = TEXT_BATCH_SIZE,
-        **options: Any,
-    ) -> None:
+    def __init__(self, labeling: LabelingSpec, *, text_batch_size: int = TEXT_BATCH_SIZE) -> None:
         if text_batch_size < 1:
             raise ValueError("text_batch_size must be >= 1")
-        super().__init__(spec, **options)
+        label_set = labeling.label_set
+        sigmoid = is_sigmoid_family(model_facts(labeling.model_spec).model_type)
+        super().__init__(
+            labeling,
+            id2label=dict(enumerate(label_set.labels)),
+            function=ClassificationFunction.SIGMOID if sigmoid else ClassificationFunction.SOFTMAX,
+        )
         self._label_set = label_set
         self._text_batch_size = text_batch_size
 
     def _load(self) -> LoadedZeroShot:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         device, dtype = self._torch_setup()
-        path = resolve_model(self._spec)
+        model = load_pretrained(self._spec, zero_shot=True, precision=self._precision)
         kwargs = from_pretrained_kwargs(self._spec)
+        kwargs.pop("use_safetensors", None)
         try:
-            model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
-            kwargs.pop("use_safetensors", None)
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self._spec), **kwargs)
         except Exception as e:
             raise explain_load_error(self._spec, e) from e
         check_dual_encoder(model, self._spec.model)
@@ -219,7 +162,6 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
         bank = encode_label_bank(model, tokenizer, self._label_set, device, self._text_batch_size)
         # After the bank: the label embeddings stay exact, only the image tower is quantized.
         model = self._optimize(model, device)
-        model_type = model.config.model_type
         bias = getattr(model, "logit_bias", None)
         logger.info(
             "Encoded a label bank of %d labels x %d templates",
@@ -233,12 +175,6 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
             text_bank=bank,
             logit_scale=float(model.logit_scale.detach().float().exp().item()),
             logit_bias=float(bias.detach().float().item()) if bias is not None else 0.0,
-            function=(
-                ClassificationFunction.SIGMOID
-                if is_sigmoid_family(model_type)
-                else ClassificationFunction.SOFTMAX
-            ),
-            id2label=dict(enumerate(self._label_set.labels)),
             image_features=self._forward_fn(
                 lambda x: _features(model.get_image_features(pixel_values=x))
             ),
