@@ -53,6 +53,7 @@ def _predict(handler: Any, model: Any, pixel_values: list[np.ndarray]) -> list[P
 # -- CompiledForward ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_forward_switches_over_and_keeps_other_shapes_eager() -> None:
     calls: list[tuple[int, ...]] = []
 
@@ -73,6 +74,7 @@ def test_compiled_forward_switches_over_and_keeps_other_shapes_eager() -> None:
     assert (2, 3) in calls
 
 
+@pytest.mark.slow
 def test_background_compile_runs_eager_until_ready() -> None:
     forward = CompiledForward(lambda x: x.relu() + 1, batch_size=2)
     x = torch.randn(2, 5)
@@ -129,6 +131,7 @@ def test_a_failing_compiled_call_falls_back_to_eager(monkeypatch: pytest.MonkeyP
 # -- handlers -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tiny_vit", "tiny_resnet"])
 def test_compiled_handler_matches_the_seed(
     request: pytest.FixtureRequest, photos: list[Image.Image], model_name: str
@@ -149,6 +152,7 @@ def test_compiled_handler_matches_the_seed(
             assert mine.scores == pytest.approx([d["score"] for d in theirs], abs=TOL)
 
 
+@pytest.mark.slow
 def test_compiled_zero_shot_matches_eager(tiny_clip: Path, photos: list[Image.Image]) -> None:
     spec = ModelSpec(str(tiny_clip))
     labels = ("a cat", "a cup of coffee", "a rocket")
@@ -205,6 +209,7 @@ def test_cli_refuses_int8_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--quantize" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_job_with_compile_and_int8_labels_every_row(
     tiny_vit: Path,
     photo_dir: Path,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,44 @@ def test_local_files_and_missing(tmp_path: Path) -> None:
         fetcher.fetch(str(tmp_path / "nope"))
     assert info.value.code is ErrorCode.NOT_FOUND
     fetcher.close()
+
+
+class _Stall(BaseHTTPRequestHandler):
+    """Every request waits until the test ends: a GCS endpoint that never answers."""
+
+    release = threading.Event()
+    hits = 0
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).hits += 1
+        self.release.wait(30)
+
+
+def test_gs_fetch_honours_the_deadline_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs retries on its own for over a minute; --fetch-timeout bounds each attempt."""
+    import gcsfs
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stall)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{host!s}:{port}")
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fetcher = Fetcher(FetchOptions(timeout_s=1.0, retries=1, backoff_s=0.01))
+    try:
+        start = time.monotonic()
+        with pytest.raises(RowError) as info:
+            fetcher.fetch("gs://bucket/cat.jpg")
+        elapsed = time.monotonic() - start
+    finally:
+        fetcher.close()
+        _Stall.release.set()
+        server.shutdown()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+    assert info.value.code is ErrorCode.TIMEOUT
+    assert _Stall.hits >= 2  # one request per attempt at least
+    assert 2.0 <= elapsed < 4.0, elapsed  # 2 attempts x 1 s, plus backoff
