@@ -43,6 +43,18 @@ from transforms.options import (
 from transforms.sources import FORMATS
 from transforms.spec import IMAGE_CLASSIFICATION, TASKS, ZERO_SHOT, LabelingSpec
 
+
+def encoding_name(value: Any) -> str:
+    import codecs
+
+    name = text(value)
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError("is not a known text encoding (e.g. utf-8, latin-1, cp1252)") from None
+    return name
+
+
 __all__ = [
     "IMAGE_CLASSIFICATION",
     "TASKS",
@@ -82,6 +94,13 @@ class JobConfig:
     )
     input_format: str = option(
         "auto", choice(("auto", *FORMATS)), "input format; auto goes by extension", "FORMAT"
+    )
+    input_encoding: str = option(
+        "utf-8",
+        encoding_name,
+        "text encoding of txt/CSV/JSONL manifests (a UTF-8 BOM is always skipped); lines "
+        "that are not valid in it become bad_encoding rows",
+        "CODEC",
     )
     uri_column: str | None = option(
         None,

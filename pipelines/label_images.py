@@ -85,6 +85,7 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
         image_column=config.image_column,
         keep_image_column=config.keep_image_column,
         input_format=config.input_format,
+        encoding=config.input_encoding,
     )
     labeling = resolve(config.labeling, local=local, keep_model=keep_model)
     described = labeling_metadata(labeling)

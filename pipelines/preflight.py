@@ -101,7 +101,7 @@ def check_remote_paths(config: JobConfig) -> None:
 
 def check_filesystems(config: JobConfig, options: PipelineOptions) -> None:
     """The filesystems the paths need are installed and, for gs://, authorized."""
-    schemes = {_scheme(path): name for name, path in launcher_paths(config)}
+    schemes = {_scheme(path): f"{name} {path}" for name, path in launcher_paths(config)}
     if "s3" in schemes and importlib.util.find_spec("s3fs") is None:
         raise ConfigError(f"{schemes['s3']} is an s3:// path, which needs s3fs: pip install s3fs")
     if "gs" in schemes and not options.view_as(GoogleCloudOptions).no_auth:

@@ -9,6 +9,7 @@ Routes (GET):
     /stall/<seconds>/<name>     waits, then the image
     /truncated/<name>           Content-Length of the whole image, sends half, closes
     /redirect/<n>/<name>        a chain of n 302 redirects, then the image
+    /redirect-to/<url>          one 302 redirect to the percent-encoded <url>
     /as-html/<name>             the image with Content-Type text/html
     /html-as-jpeg               an HTML error page served as image/jpeg
     /big/<bytes>                a body of that many bytes, with Content-Length
@@ -137,6 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(
                     302, b"", "text/plain", {"Location": f"/redirect/{remaining - 1}/{name}"}
                 )
+        elif route == "redirect-to":  # /redirect-to/<url, percent-encoded>
+            from urllib.parse import unquote
+
+            self._send(302, b"", "text/plain", {"Location": unquote(args[0])})
         elif route == "as-html":
             self._image(args[0], "text/html")
         elif route == "html-as-jpeg":
@@ -168,7 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
 def serve(images: dict[str, bytes], latency_s: float = 0.0) -> Iterator[FaultServer]:
     """Run a `FaultServer` in a background thread for the duration of the block."""
     server = FaultServer(images, latency_s)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits up to one interval (0.5 s by default).
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server

@@ -94,7 +94,7 @@ def bad_images() -> dict[str, tuple[bytes, str, str]]:
         "bomb.png": (
             _encode(Image.new("L", (2500, 2500)), "PNG"),
             "decode_error",
-            "decompression_bomb",
+            "too_large",
         ),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from types import SimpleNamespace
 from typing import Any
 
@@ -242,7 +243,9 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     data = _encode(Image.new("L", (3000, 3000)), "PNG")
     with pytest.raises(RowError) as info:
         decode_image(data, max_pixels=1_000_000)
-    assert info.value.code is ErrorCode.DECOMPRESSION_BOMB
+    assert info.value.code is ErrorCode.TOO_LARGE
+    assert info.value.status is Status.DECODE_ERROR
+    assert pickle.loads(pickle.dumps(info.value)).status is Status.DECODE_ERROR
 
 
 def test_extension_does_not_matter(tmp_path) -> None:

@@ -8,13 +8,19 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from transforms.errors import ErrorCode, RowError
+from transforms.errors import ErrorCode, RowError, Status
 
 #: Default decompression-bomb limit, in pixels (Pillow's own default is ~89 MP).
 DEFAULT_MAX_PIXELS = 178_956_970
 
 # Fail on truncated files instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own pixel limit (a warning past ~89.5 MP, an error past twice that)
+# would override --max-image-pixels in both directions: images between 89.5 and
+# 179 MP were refused by default, and raising the limit had no effect.
+# `decode_image` checks the configured limit itself, from the header, before
+# any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
 
 try:  # HEIC/HEIF when the optional plugin is installed (AVIF is built into Pillow 11.3+)
     import pillow_heif
@@ -70,8 +76,9 @@ def decode_image(
             width, height = image.size
             if width * height > max_pixels:
                 raise RowError(
-                    ErrorCode.DECOMPRESSION_BOMB,
-                    f"{width}x{height} pixels is over the {max_pixels} pixel limit",
+                    ErrorCode.TOO_LARGE,
+                    f"{width}x{height} pixels is over the --max-image-pixels limit of {max_pixels}",
+                    status=Status.DECODE_ERROR,
                 )
             if draft_side and isinstance(image, ImageFile.ImageFile) and image.format == "JPEG":
                 image.draft("RGB", (draft_side, draft_side))

@@ -30,6 +30,9 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_SCHEME = "unsupported_scheme"
     MALFORMED_ROW = "malformed_row"
     UNSUPPORTED_ELEMENT = "unsupported_element"
+    BAD_ENCODING = "bad_encoding"
+    LINE_TOO_LONG = "line_too_long"
+    BAD_PATH = "bad_path"
     # fetch_error
     NOT_FOUND = "not_found"
     PERMISSION_DENIED = "permission_denied"
@@ -48,6 +51,8 @@ class ErrorCode(str, Enum):
     IS_SOCKET = "is_socket"
     NOT_A_FILE = "not_a_file"
     SYMLINK_LOOP = "symlink_loop"
+    READ_ERROR = "read_error"
+    BLOCKED_ADDRESS = "blocked_address"
     # decode_error
     EMPTY_FILE = "empty_file"
     NOT_AN_IMAGE = "not_an_image"
@@ -64,6 +69,9 @@ _STATUS_OF_CODE: dict[ErrorCode, Status] = {
     ErrorCode.UNSUPPORTED_SCHEME: Status.INVALID_INPUT,
     ErrorCode.MALFORMED_ROW: Status.INVALID_INPUT,
     ErrorCode.UNSUPPORTED_ELEMENT: Status.INVALID_INPUT,
+    ErrorCode.BAD_ENCODING: Status.INVALID_INPUT,
+    ErrorCode.LINE_TOO_LONG: Status.INVALID_INPUT,
+    ErrorCode.BAD_PATH: Status.INVALID_INPUT,
     ErrorCode.EMPTY_FILE: Status.DECODE_ERROR,
     ErrorCode.NOT_AN_IMAGE: Status.DECODE_ERROR,
     ErrorCode.TRUNCATED: Status.DECODE_ERROR,
@@ -85,14 +93,20 @@ class RowError(Exception):
     Picklable (it travels between Beam workers) and comparable by value.
     """
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, status: Status | None = None) -> None:
         super().__init__(code, message)
         self.code = ErrorCode(code)
         self.message = message
+        self._status = Status(status) if status is not None else None
+
+    def __reduce__(self) -> tuple[type, tuple[ErrorCode, str, Status | None]]:
+        return (type(self), (self.code, self.message, self._status))
 
     @property
     def status(self) -> Status:
-        return status_of(self.code)
+        """The code's status, unless the raiser knew better (an image over the pixel
+        limit is `too_large` like a download over the byte limit, but a decode error)."""
+        return self._status or status_of(self.code)
 
     def __str__(self) -> str:
         return format_error(self.code, self.message)

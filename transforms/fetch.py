@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import email.utils
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import fsspec
 
@@ -62,6 +63,8 @@ class FetchOptions:
         backoff_s: first retry delay; doubles each attempt, with full jitter.
         max_backoff_s: cap on one retry delay, `Retry-After` included.
         max_redirects: HTTP redirects followed before `too_many_redirects`.
+        block_private_networks: also refuse loopback and private addresses (link-local
+            and cloud metadata addresses are always refused).
     """
 
     allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES
@@ -73,6 +76,7 @@ class FetchOptions:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_redirects: int = 10
+    block_private_networks: bool = False
 
 
 def scheme_of(uri: str) -> str:
@@ -122,6 +126,8 @@ def classify_fetch_error(uri: str, error: BaseException) -> RowError:
         )
     detail = f"{where}: {type(error).__name__}: {error}"
     name = type(error).__name__.lower()
+    if scheme_of(uri) == "file":
+        return _local_error(where, error)
     status = _http_status(error)
     if status is not None:
         return http_error(uri, status)
@@ -142,6 +148,31 @@ def classify_fetch_error(uri: str, error: BaseException) -> RowError:
     if isinstance(error, (ConnectionError, OSError)) or "connect" in name:
         return RowError(ErrorCode.CONNECTION, detail)
     return RowError(ErrorCode.FETCH_FAILED, detail)
+
+
+_LOCAL_ERRNO = {
+    errno.ENOENT: ErrorCode.NOT_FOUND,
+    errno.ENOTDIR: ErrorCode.NOT_FOUND,
+    errno.EACCES: ErrorCode.PERMISSION_DENIED,
+    errno.EPERM: ErrorCode.PERMISSION_DENIED,
+    errno.ELOOP: ErrorCode.SYMLINK_LOOP,
+    errno.EISDIR: ErrorCode.IS_DIRECTORY,
+    errno.ENAMETOOLONG: ErrorCode.BAD_PATH,
+    errno.ENXIO: ErrorCode.NOT_A_FILE,
+}
+
+
+def _local_error(where: str, error: BaseException) -> RowError:
+    """A local read's failure: never a network code, never retried (but `timeout`)."""
+    if isinstance(error, (TimeoutError, concurrent.futures.TimeoutError)):
+        return RowError(ErrorCode.TIMEOUT, f"{where}: {error}")
+    if isinstance(error, ValueError):  # e.g. an embedded NUL byte in the path
+        return RowError(ErrorCode.BAD_PATH, f"{where}: {error}")
+    if isinstance(error, OSError) and error.errno in _LOCAL_ERRNO:
+        return RowError(_LOCAL_ERRNO[error.errno], where)
+    if isinstance(error, OSError):
+        return RowError(ErrorCode.READ_ERROR, f"{where}: {error.strerror or type(error).__name__}")
+    return RowError(ErrorCode.FETCH_FAILED, f"{where}: {type(error).__name__}")
 
 
 def _http_status(error: BaseException) -> int | None:
@@ -333,7 +364,9 @@ class Fetcher:
         if self._session is None:
             self._global = asyncio.Semaphore(self.options.concurrency)
             connector = aiohttp.TCPConnector(
-                limit=self.options.concurrency, limit_per_host=self.options.per_host
+                limit=self.options.concurrency,
+                limit_per_host=self.options.per_host,
+                resolver=_guarded_resolver(self.options.block_private_networks),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, headers={"User-Agent": _USER_AGENT}
@@ -368,34 +401,57 @@ class Fetcher:
             attempt += 1
 
     async def _http_once(self, session: Any, uri: str) -> bytes:
-        import aiohttp
+        """One attempt, redirects included, under one deadline."""
+        try:
+            return await asyncio.wait_for(self._http_attempt(session, uri), self.options.timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no complete response within {self.options.timeout_s:g}s") from None
 
-        timeout = aiohttp.ClientTimeout(total=self.options.timeout_s)
+    async def _http_attempt(self, session: Any, uri: str) -> bytes:
+        """Redirects are followed here, not by aiohttp, so every hop's host passes the
+        address guard (a literal IP never reaches the resolver)."""
+        url = uri
+        for _ in range(self.options.max_redirects + 1):
+            check_host(uri, url, self.options.block_private_networks)
+            async with session.get(url, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status in (301, 302, 303, 307, 308) and location:
+                    url = urljoin(url, location)
+                    if scheme_of(url) not in ("http", "https"):
+                        raise RowError(
+                            ErrorCode.UNSUPPORTED_SCHEME,
+                            f"{redact_uri(uri)} redirects to a {scheme_of(url)}:// URI",
+                        )
+                    continue
+                return await self._read_body(uri, response)
+        raise RowError(
+            ErrorCode.TOO_MANY_REDIRECTS,
+            f"{redact_uri(uri)}: more than {self.options.max_redirects} redirects",
+        )
+
+    async def _read_body(self, uri: str, response: Any) -> bytes:
         limit = self.options.max_bytes
-        async with session.get(
-            uri, timeout=timeout, allow_redirects=True, max_redirects=self.options.max_redirects
-        ) as response:
-            if response.status >= 400:
-                if response.status in TRANSIENT_HTTP:
-                    raise _TransientStatus(
-                        response.status, retry_after_seconds(response.headers.get("Retry-After"))
-                    )
-                raise http_error(uri, response.status)
-            if response.content_length is not None and response.content_length > limit:
+        if response.status >= 400:
+            if response.status in TRANSIENT_HTTP:
+                raise _TransientStatus(
+                    response.status, retry_after_seconds(response.headers.get("Retry-After"))
+                )
+            raise http_error(uri, response.status)
+        if response.content_length is not None and response.content_length > limit:
+            raise RowError(
+                ErrorCode.TOO_LARGE,
+                f"{redact_uri(uri)} is {response.content_length} bytes, over the "
+                f"{limit} byte limit",
+            )
+        data = bytearray()
+        async for chunk in response.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) > limit:
                 raise RowError(
                     ErrorCode.TOO_LARGE,
-                    f"{redact_uri(uri)} is {response.content_length} bytes, over the "
-                    f"{limit} byte limit",
+                    f"{redact_uri(uri)} is larger than the {limit} byte limit",
                 )
-            data = bytearray()
-            async for chunk in response.content.iter_chunked(1 << 16):
-                data += chunk
-                if len(data) > limit:
-                    raise RowError(
-                        ErrorCode.TOO_LARGE,
-                        f"{redact_uri(uri)} is larger than the {limit} byte limit",
-                    )
-            return bytes(data)
+        return bytes(data)
 
 
 _LOCAL_KINDS = (
@@ -443,6 +499,93 @@ def read_local_file(path: str, limit: int) -> bytes:
 def _stat(path: str) -> tuple[int, int]:
     info = os.stat(path)
     return info.st_mode, info.st_size
+
+
+# ---- the address guard ----------------------------------------------------------------
+
+#: Refused for every http(s) fetch: link-local addresses, where cloud metadata
+#: servers answer (169.254.169.254 on GCE, AWS and Azure; fd00:ec2::254 on AWS).
+ALWAYS_BLOCKED = tuple(
+    ipaddress.ip_network(n)
+    for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32")
+)
+#: Metadata endpoints by name, refused before any lookup.
+METADATA_HOSTS = frozenset(
+    {
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+
+
+def blocked_reason(address: str, block_private: bool) -> str | None:
+    """Why an IP address may not be fetched from, or None."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    if any(ip in network for network in ALWAYS_BLOCKED):
+        return "a link-local or cloud metadata address"
+    if block_private and (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip in ipaddress.ip_network("100.64.0.0/10")
+    ):
+        return "a loopback or private address (--block-private-networks)"
+    return None
+
+
+def check_host(uri: str, url: str, block_private: bool) -> None:
+    """Refuse a metadata host name or a blocked literal IP before connecting.
+
+    Host names go through `_GuardedResolver`, which checks every address a name
+    resolves to, so the address actually connected to is always checked.
+    """
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host in METADATA_HOSTS:
+        raise RowError(
+            ErrorCode.BLOCKED_ADDRESS, f"{redact_uri(uri)}: {host} is a cloud metadata endpoint"
+        )
+    reason = blocked_reason(host, block_private)
+    if reason:
+        raise RowError(ErrorCode.BLOCKED_ADDRESS, f"{redact_uri(uri)}: {host} is {reason}")
+
+
+def _guarded_resolver(block_private: bool) -> Any:
+    from aiohttp.abc import AbstractResolver
+    from aiohttp.resolver import DefaultResolver
+
+    class _GuardedResolver(AbstractResolver):
+        """DNS answers pass the address guard before aiohttp connects to them."""
+
+        def __init__(self) -> None:
+            self._inner = DefaultResolver()
+
+        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> Any:
+            infos = await self._inner.resolve(host, port, family)
+            for info in infos:
+                reason = blocked_reason(str(info["host"]), block_private)
+                if reason:
+                    raise RowError(
+                        ErrorCode.BLOCKED_ADDRESS,
+                        f"{host} resolves to {info['host']}, {reason}",
+                    )
+            return infos
+
+        async def close(self) -> None:
+            await self._inner.close()
+
+    return _GuardedResolver()
 
 
 def fetch_bytes(uri: str | None, options: FetchOptions | None = None) -> bytes:

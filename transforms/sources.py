@@ -10,11 +10,13 @@ position.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,6 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from transforms.errors import ErrorCode, RowError
@@ -72,6 +73,7 @@ class InputPlan:
     delimiter: str = ","
     image_column: str | None = None  # Parquet with the images inside
     keep_image_column: bool = False
+    encoding: str = "utf-8"  # text, CSV and JSONL manifests
 
     @property
     def passthrough_schema(self) -> pa.Schema:
@@ -129,56 +131,126 @@ def match_files(pattern: str) -> list[str]:
     return sorted(with_protocol(pattern, p) for p in found)
 
 
+def _open_lines(path: str) -> Any:
+    """A buffered binary stream of a (possibly compressed) manifest, for `readline(limit)`."""
+    return fsspec.open(path, "rb", compression="infer")
+
+
+def _buffered(f: Any) -> Any:
+    if isinstance(f, io.BufferedIOBase):
+        return f
+    return io.BufferedReader(f, buffer_size=1 << 20)
+
+
 def _read_head(path: str, limit: int | None = None) -> bytes:
     limit = limit or _INFER_BYTES
-    with fsspec.open(path, "rb", compression="infer") as f:
+    with _open_lines(path) as f:
         head: bytes = f.read(limit)
         if len(head) == limit:  # cut at the last full line
             head = head[: head.rfind(b"\n") + 1]
         return head
 
 
-def _infer_schema(path: str, fmt: str, delimiter: str) -> pa.Schema:
+def _check_header(header: list[str], path: str) -> None:
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise InputError(
+                f"{path} has the column {name!r} twice in its header; rename one (a duplicate "
+                "column would silently overwrite the other)"
+            )
+        seen.add(name)
+    if any(not name.strip() for name in header):
+        raise InputError(f"{path} has an empty column name in its header")
+
+
+def _infer_schema(path: str, fmt: str, delimiter: str, encoding: str = "utf-8") -> pa.Schema:
     if fmt == "text":
         return pa.schema([pa.field(TEXT_URI_COLUMN, pa.string())])
     if fmt == "parquet":
         with fsspec.open(path, "rb") as f:
             schema: pa.Schema = pq.read_schema(f)
         return schema.remove_metadata()
-    head = _read_head(path)
-    try:
-        if fmt == "csv":
-            # Malformed lines are skipped for inference only; the reader turns
-            # them into invalid_input rows.
+    # Type inference only: undecodable bytes become U+FFFD here; the reader turns
+    # their rows into error rows.
+    text = _decode_head(_read_head(path), encoding)
+    if fmt == "csv":
+        first = next(csv.reader(io.StringIO(text), delimiter=delimiter), None)
+        if not first:
+            raise InputError(f"{path} has no header line")
+        _check_header(first, path)
+        try:
+            data = text.encode("utf-8")
             table = pa_csv.read_csv(
-                io.BytesIO(head),
+                io.BytesIO(data),
+                read_options=pa_csv.ReadOptions(block_size=max(len(data) + 1, 1 << 20)),
+                # Malformed lines are skipped for inference only; the reader turns
+                # them into invalid_input rows.
                 parse_options=pa_csv.ParseOptions(
                     delimiter=delimiter, invalid_row_handler=lambda _: "skip"
                 ),
             )
-        else:
-            table = pa_json.read_json(io.BytesIO(_json_objects(head)))
-    except pa.ArrowInvalid as e:
-        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+        except pa.ArrowInvalid as e:
+            raise InputError(f"cannot read {path} as csv: {e}") from e
+        fields = list(table.schema)
+    else:
+        fields = _infer_json_fields(text, path)
     # Columns that are null in the sample get a string type rather than `null`.
-    fields = [
-        pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema
-    ]
-    return pa.schema(fields)
+    return pa.schema(
+        [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in fields]
+    )
 
 
-def _json_objects(head: bytes) -> bytes:
-    """The lines of `head` that are JSON objects (bad lines become error rows later)."""
-    good = []
-    for line in head.splitlines():
+def _is_utf8(encoding: str) -> bool:
+    return encoding.replace("-", "").replace("_", "").lower() in ("utf8", "utf8sig")
+
+
+def _decode_head(head: bytes, encoding: str) -> str:
+    if head.startswith(codecs.BOM_UTF8) and _is_utf8(encoding):
+        head = head[len(codecs.BOM_UTF8) :]
+    return head.decode(encoding, errors="replace")
+
+
+def _infer_json_fields(text: str, path: str) -> list[pa.Field]:
+    """Column types of JSONL from the sample, one column at a time.
+
+    A column whose values disagree (1 on one line, "x" on another) takes the
+    type of its first non-null value; lines that do not fit become error rows
+    when read. One bad line never refuses the job.
+    """
+    columns: dict[str, list[Any]] = {}
+    objects = 0
+    for line in text.splitlines():
         try:
-            if isinstance(json.loads(line), dict):
-                good.append(line)
+            obj = json.loads(line)
         except ValueError:
             continue
-    if not good:
-        raise InputError("no line in the first block is a JSON object")
-    return b"\n".join(good) + b"\n"
+        if not isinstance(obj, dict):
+            continue
+        objects += 1
+        for key, value in obj.items():
+            columns.setdefault(str(key), []).append(value)
+    if not objects:
+        raise InputError(f"{path}: no line in the first block is a JSON object")
+    fields = []
+    for name, values in columns.items():
+        fields.append(pa.field(name, _json_type(values)))
+    return fields
+
+
+def _json_type(values: list[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None]
+    if not present:
+        return pa.string()
+    try:
+        return pa.array(present).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        for value in present:
+            try:
+                return pa.array([value]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                continue
+        return pa.string()
 
 
 def choose_uri_column(schema: pa.Schema, requested: str | None, source: str) -> str:
@@ -262,6 +334,7 @@ def plan_input(
     image_column: str | None = None,
     keep_image_column: bool = False,
     input_format: str = "auto",
+    encoding: str = "utf-8",
 ) -> InputPlan:
     """Match the input and fix its format, image source and passthrough schema.
 
@@ -286,7 +359,10 @@ def plan_input(
     if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
     delimiter = "\t" if _strip_compression(files[0]).lower().endswith(".tsv") else ","
-    schema = _infer_schema(files[0], fmt, delimiter)
+    if fmt == "parquet":
+        schema = unify_parquet_schemas(files)
+    else:
+        schema = _infer_schema(files[0], fmt, delimiter, encoding)
     if image_column and fmt != "parquet":
         raise InputError("--image-column needs Parquet input")
     if fmt == "parquet" and (image_column or not uri_column):
@@ -305,7 +381,37 @@ def plan_input(
         chosen = TEXT_URI_COLUMN
     else:
         chosen = choose_uri_column(schema, uri_column, files[0])
-    return InputPlan(tuple(files), fmt, chosen, schema, delimiter)
+    return InputPlan(tuple(files), fmt, chosen, schema, delimiter, encoding=encoding)
+
+
+def unify_parquet_schemas(files: list[str]) -> pa.Schema:
+    """One schema for Parquet files whose schemas differ.
+
+    Types are promoted where arrow can (int32 and int64, int and float, string
+    and large_string ...); a column missing from a file is null in its rows.
+
+    Raises:
+        InputError: naming the file and the column that cannot be unified.
+    """
+    schema: pa.Schema | None = None
+    for path in files:
+        with fsspec.open(path, "rb") as f:
+            file_schema = pq.read_schema(f).remove_metadata()
+        if schema is None:
+            schema = file_schema
+            continue
+        try:
+            schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            match = re.search(r"[Ff]ield (\S+) has incompatible types", str(e))
+            column = match.group(1) if match else "?"
+            first_line = str(e).splitlines()[0]
+            raise InputError(
+                f"--input: {path} column {column!r} cannot be unified with the earlier "
+                f"files ({first_line})"
+            ) from None
+    assert schema is not None
+    return schema
 
 
 def resolve_uri(uri: str, base_dir: str) -> str:
@@ -384,65 +490,99 @@ class _ReadRows(beam.DoFn):
             )
 
     def _text(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
-        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
-            for line_no, line in enumerate(f, start=1):
-                entry = line.strip()
-                if not entry or entry.startswith("#"):
-                    continue
-                yield line_no, {TEXT_URI_COLUMN: entry}, None
+        for line_no, line, error in read_lines(path, self._plan.encoding):
+            if error is not None:
+                yield line_no, {TEXT_URI_COLUMN: None}, error
+                continue
+            entry = (line or "").strip()
+            if not entry or entry.startswith("#"):
+                continue
+            yield line_no, {TEXT_URI_COLUMN: entry}, None
 
     def _csv(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
         schema = self._plan.schema
-        with fsspec.open(path, "rt", encoding="utf-8", newline="", compression="infer") as f:
-            reader = csv.reader(f, delimiter=self._plan.delimiter)
-            header = next(reader, None)
-            if header is None:
+        bad: dict[int, RowError] = {}
+
+        def lines() -> Iterator[str]:
+            for line_no, line, error in read_lines(path, self._plan.encoding, escape=True):
+                if error is not None:
+                    bad[line_no] = error
+                    yield _BAD_LINE + "\n"  # keeps csv's line count; its record is an error
+                else:
+                    yield line or ""
+
+        csv.field_size_limit(MAX_LINE_BYTES)
+        reader = csv.reader(lines(), delimiter=self._plan.delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        while True:
+            start = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
                 return
-            for cells in reader:
-                row_no = reader.line_num
-                if not cells:
-                    continue
-                record = dict(zip(header, cells, strict=False))
-                values: dict[str, Any] = {}
-                problem = None
-                if len(cells) != len(header):
-                    problem = f"{len(cells)} fields where the header has {len(header)}"
-                for f_ in schema:
-                    value, bad = _parse_csv_cell(record.get(f_.name), f_)
-                    values[f_.name] = value
-                    problem = problem or bad
-                error = (
-                    RowError(ErrorCode.MALFORMED_ROW, f"{path} line {row_no}: {problem}")
-                    if problem
-                    else None
+            except csv.Error as e:  # e.g. an unclosed quote past the field limit
+                yield reader.line_num, {}, _malformed(path, reader.line_num, str(e))
+                continue
+            row_no = reader.line_num
+            if not cells:
+                continue
+            if any(has_bad_bytes(cell) for cell in cells):
+                yield (
+                    start,
+                    {},
+                    RowError(
+                        ErrorCode.BAD_ENCODING,
+                        f"{path} line {start}: bytes that are not valid {self._plan.encoding} "
+                        "(see --input-encoding)",
+                    ),
                 )
-                yield row_no, values, error
+                continue
+            if any(_BAD_LINE in cell for cell in cells):
+                first = min(n for n in bad if n <= row_no)
+                error = bad[first]
+                for n in [n for n in bad if n <= row_no]:
+                    del bad[n]
+                yield first, {}, error
+                continue
+            record = dict(zip(header, cells, strict=False))
+            values: dict[str, Any] = {}
+            problem = None
+            if len(cells) != len(header):
+                problem = f"{len(cells)} fields where the header has {len(header)}"
+            for f_ in schema:
+                value, wrong = _parse_csv_cell(record.get(f_.name), f_)
+                values[f_.name] = value
+                problem = problem or wrong
+            yield row_no, values, _malformed(path, row_no, problem) if problem else None
 
     def _jsonl(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
         schema = self._plan.schema
-        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                except ValueError as e:
-                    yield (
-                        line_no,
-                        {},
-                        RowError(ErrorCode.MALFORMED_ROW, f"{path} line {line_no}: {e}"),
-                    )
-                    continue
-                values = {name: obj.get(name) for name in schema.names}
-                problem = _coerce(values, schema)
-                error = (
-                    RowError(ErrorCode.MALFORMED_ROW, f"{path} line {line_no}: {problem}")
-                    if problem
-                    else None
-                )
-                yield line_no, values, error
+        names = set(schema.names)
+        for line_no, line, error in read_lines(path, self._plan.encoding):
+            if error is not None:
+                yield line_no, {}, error
+                continue
+            if not (line or "").strip():
+                continue
+            try:
+                obj = json.loads(line or "")
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except RecursionError:
+                yield line_no, {}, _malformed(path, line_no, "JSON nested too deeply")
+                continue
+            except ValueError as e:
+                yield line_no, {}, _malformed(path, line_no, f"invalid JSON: {e}")
+                continue
+            unknown = sorted(str(k) for k in obj if k not in names)
+            values = {name: obj.get(name) for name in schema.names}
+            problem: str | None = _coerce(values, schema)
+            if unknown and not problem:
+                shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+                problem = f"unknown key(s) {shown} (the columns are {schema.names[:20]})"
+            yield line_no, values, _malformed(path, line_no, problem) if problem else None
 
     def _parquet(
         self, path: str, row_group: int
@@ -451,20 +591,98 @@ class _ReadRows(beam.DoFn):
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             offset = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
-            missing = [n for n in schema.names if n not in pf.schema_arrow.names]
-            if missing:
-                raise InputError(f"{path} lacks column(s) {missing} found in the first file")
+            present = [n for n in schema.names if n in pf.schema_arrow.names]
             for batch in pf.iter_batches(
                 batch_size=parquet_batch_rows(pf.metadata.row_group(row_group)),
                 row_groups=[row_group],
-                columns=schema.names,
+                columns=present,
             ):
-                table = pa.Table.from_batches([batch]).select(schema.names)
+                table = pa.Table.from_batches([batch])
+                for name in schema.names:  # columns of other files: null here
+                    if name not in present:
+                        table = table.append_column(
+                            schema.field(name), pa.nulls(len(table), schema.field(name).type)
+                        )
+                table = table.select(schema.names)
                 if table.schema != schema:
                     table = table.cast(schema)
                 for values in table.to_pylist():
                     yield offset, values, None
                     offset += 1
+
+
+#: Longest manifest line read (and longest CSV field); a longer line becomes a
+#: `line_too_long` error row and is skipped in chunks, so memory stays bounded.
+MAX_LINE_BYTES = 16 << 20
+_BAD_LINE = "\x00image-labeler-bad-line\x00"
+
+
+def _malformed(path: str, line_no: int, problem: str) -> RowError:
+    return RowError(ErrorCode.MALFORMED_ROW, f"{path} line {line_no}: {problem}")
+
+
+def read_lines(
+    path: str, encoding: str = "utf-8", max_bytes: int | None = None, *, escape: bool = False
+) -> Iterator[tuple[int, str | None, RowError | None]]:
+    """The physical lines of a manifest: (line number, text, None) or (line number,
+    None, error) for a line that is too long or not valid in `encoding`.
+
+    At most `max_bytes` (default `MAX_LINE_BYTES`) of a line are held in memory;
+    a UTF-8 byte-order mark at the start is dropped. With `escape`, undecodable
+    bytes become lone surrogates instead of an error (`has_bad_bytes` finds them),
+    so a CSV record that spans lines keeps its shape.
+    """
+    limit = max_bytes or MAX_LINE_BYTES
+    utf8 = _is_utf8(encoding)
+    errors = "surrogateescape" if escape else "strict"
+    with _open_lines(path) as raw:
+        f = _buffered(raw)
+        line_no = 0
+        while True:
+            line = f.readline(limit + 1)
+            if not line:
+                return
+            line_no += 1
+            if line_no == 1 and utf8 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]
+            if len(line) > limit:
+                while not line.endswith(b"\n"):  # skip the rest, a chunk at a time
+                    line = f.readline(1 << 20)
+                    if not line:
+                        break
+                yield (
+                    line_no,
+                    None,
+                    RowError(
+                        ErrorCode.LINE_TOO_LONG,
+                        f"{path} line {line_no}: longer than the {limit} byte line limit",
+                    ),
+                )
+                continue
+            try:
+                yield (
+                    line_no,
+                    line.decode(encoding, errors),
+                    None,
+                )
+            except UnicodeDecodeError as e:
+                yield (
+                    line_no,
+                    None,
+                    RowError(
+                        ErrorCode.BAD_ENCODING,
+                        f"{path} line {line_no}: bytes at offset {e.start} are not valid "
+                        f"{encoding} (see --input-encoding)",
+                    ),
+                )
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def has_bad_bytes(text: str) -> bool:
+    """Whether `read_lines(escape=True)` met undecodable bytes in this text."""
+    return _ESCAPED.search(text) is not None
 
 
 def parquet_batch_rows(row_group: Any, target_bytes: int = PARQUET_READ_BATCH_BYTES) -> int:
@@ -544,7 +762,8 @@ def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
     """Row count for progress, when it is cheap to know; None otherwise.
 
     Parquet counts come from file footers. Local manifests are counted by lines
-    (blank lines and `#` comments skipped) when they are not too large.
+    (blank lines and `#` comments skipped) when they are not too large; lines
+    are streamed, so a huge line costs no memory.
     """
     total = 0
     for path in plan.files:
@@ -555,10 +774,10 @@ def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
         fs, local = fsspec.core.url_to_fs(path)
         if _protocol(path) != "file" or fs.size(local) > max_bytes:
             return None
-        with fsspec.open(path, "rb", compression="infer") as f:
-            lines = [line.strip() for line in f]
-        entries = [
-            line for line in lines if line and not (plan.format == "text" and line.startswith(b"#"))
-        ]
-        total += len(entries) - (1 if plan.format == "csv" and entries else 0)
+        entries = 0
+        for _, line, error in read_lines(path, plan.encoding):
+            text = (line or "").strip()
+            if error is not None or (text and not (plan.format == "text" and text[0] == "#")):
+                entries += 1
+        total += entries - (1 if plan.format == "csv" and entries else 0)
     return total

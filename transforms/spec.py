@@ -183,6 +183,13 @@ class LabelingSpec:
     fetch_concurrency: int = option(64, positive_int, "fetches in flight per worker process", "N")
     fetch_per_host: int = option(32, positive_int, "http(s) fetches in flight per host", "N")
     fetch_retries: int = option(3, non_negative_int, "retries of a transient fetch failure", "N")
+    block_private_networks: bool = option(
+        False,
+        boolean,
+        "also refuse http(s) fetches from loopback and private addresses (untrusted "
+        "manifests); link-local and cloud metadata addresses are always refused",
+        switch=True,
+    )
     allowed_schemes: tuple[str, ...] = option(
         DEFAULT_ALLOWED_SCHEMES, lower_list, "URI schemes that may be fetched", "LIST"
     )
@@ -222,6 +229,7 @@ class LabelingSpec:
             retries=self.fetch_retries,
             concurrency=self.fetch_concurrency,
             per_host=self.fetch_per_host,
+            block_private_networks=self.block_private_networks,
         )
 
     @property
@@ -280,8 +288,15 @@ def check_combinations(spec: LabelingSpec) -> None:
                 "models use softmax over the labels, SigLIP-like models a sigmoid per label"
             )
         if spec.model_spec.is_default:
+            given = (
+                "--candidate-labels"
+                if spec.candidate_labels is not None
+                else "--candidate-labels-file"
+                if spec.candidate_labels_file is not None
+                else "--task zero-shot-image-classification"
+            )
             raise ConfigError(
-                "zero-shot classification (--candidate-labels) needs a CLIP- or SigLIP-family "
+                f"zero-shot classification ({given}) needs a CLIP- or SigLIP-family "
                 "--model; the default model is an ImageNet classifier"
             )
         if spec.task == ZERO_SHOT and not has_labels:
