@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import JobConfig
 from pipelines.label_images import add_to_pipeline, build_job
+from pipelines.output import prepare_output
 from pipelines.runner import make_runner
 
 
@@ -40,7 +41,8 @@ def run_job(config: JobConfig, beam_args: list[str] | None = None) -> JobTiming:
     options = PipelineOptions(beam_args or [])
     started = time.time()
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-    add_to_pipeline(pipeline, job, started_at=started)
+    output = prepare_output(config.output, overwrite=config.overwrite)
+    add_to_pipeline(pipeline, job, output=output, started_at=started)
     result = pipeline.run()
     result.wait_until_finish()
     wall = time.time() - started

@@ -26,6 +26,7 @@ import fsspec
 import yaml
 
 from transforms import __version__
+from transforms.errors import redact
 from transforms.options import (
     ConfigError,
     OptionInfo,
@@ -37,11 +38,19 @@ from transforms.options import (
     option_fields,
     parse_fields,
     parse_value,
+    positive_int,
     rate,
     text,
 )
 from transforms.sources import FORMATS
 from transforms.spec import IMAGE_CLASSIFICATION, TASKS, ZERO_SHOT, LabelingSpec
+
+
+def column_prefix(value: Any) -> str:
+    prefix = str(value)
+    if prefix and not all(ch.isalnum() or ch in "_-." for ch in prefix):
+        raise ValueError("may hold only letters, digits, '_', '-' and '.'")
+    return prefix
 
 
 def encoding_name(value: Any) -> str:
@@ -123,6 +132,26 @@ class JobConfig:
     overwrite: bool = option(
         False, boolean, "replace the shards and summary in a non-empty --output", switch=True
     )
+    resume: bool = option(
+        False,
+        boolean,
+        "continue an interrupted run in --output: label only the rows not yet committed",
+        switch=True,
+    )
+    commit_every: int = option(
+        2000,
+        positive_int,
+        "rows per committed part file per worker (also committed every minute and at the "
+        "end of each bundle)",
+        "N",
+    )
+    output_prefix: str = option(
+        "",
+        column_prefix,
+        "prefix of the columns the labeler adds (pred_ gives pred_label, pred_score ...), "
+        "so input columns of those names are kept",
+        "PREFIX",
+    )
     skip_existing: str | None = option(
         None,
         text,
@@ -144,9 +173,18 @@ class JobConfig:
         for required in ("input", "output"):
             if not getattr(self, required):
                 raise ConfigError(f"--{required} is required (as a flag or in --config)")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "give --resume (continue the run in --output) or --overwrite, not both"
+            )
+        if self.resume and self.num_shards:
+            raise ConfigError(
+                "--resume needs incremental commits; --num-shards writes every file at the end"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config, JSON-ready (for summary.json)."""
+        """The resolved config, JSON-ready (for summary.json), with credentials in URIs
+        (user:password@, query strings such as signatures and tokens) redacted."""
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f, _ in option_fields(JobConfig)}
         data.update(
             {f.name: getattr(self.labeling, f.name) for f, _ in option_fields(LabelingSpec)}
@@ -156,7 +194,17 @@ class JobConfig:
                 data[key] = list(value)
         data["config"] = self.config
         data["pipeline_options"] = dict(self.pipeline_options)
-        return data
+        return _redacted(data)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
 
 
 def all_options() -> Iterator[tuple[str, OptionInfo, type]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -30,20 +31,31 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.output import (
     OutputError,
+    OutputPlan,
     SummarizeRecords,
+    WriteParts,
     WriteSummary,
     prepare_output,
     read_summary,
     shard_prefix,
 )
-from pipelines.preflight import preflight
+from pipelines.preflight import check_output_overlap, preflight
 from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
-from pipelines.resume import SKIPPED_TAG, ReadDoneUris, SkipDone, check_previous_output
+from pipelines.resume import (
+    IDENTITY_KEYS,
+    SKIPPED_TAG,
+    ReadCommitted,
+    ReadDoneUris,
+    SkipCommitted,
+    SkipDone,
+    check_previous_output,
+)
 from pipelines.runner import in_process, is_local, make_runner
 from transforms.api import LabelImages
+from transforms.errors import redact, redact_uri
 from transforms.label_set import LabelSetError
 from transforms.models import ModelLoadError
-from transforms.rows import output_schema
+from transforms.rows import RecordFormat
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
 from transforms.spec import LabelingSpec, resolve
 from transforms.spec import metadata as labeling_metadata
@@ -65,6 +77,7 @@ class Job:
     schema: pa.Schema
     labeling: LabelingSpec
     skip_existing: str | None = None  # previous output dir whose ok rows are skipped
+    record_format: RecordFormat = RecordFormat(source=True)
 
 
 def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False) -> Job:
@@ -89,15 +102,19 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
     )
     labeling = resolve(config.labeling, local=local, keep_model=keep_model)
     described = labeling_metadata(labeling)
-    schema = output_schema(plan.passthrough_schema, described)
+    fmt = RecordFormat(prefix=config.output_prefix, source=True)
+    if config.output_prefix:
+        described["image_labeler.output_prefix"] = config.output_prefix
+    schema = fmt.schema(plan.passthrough_schema, described)
     skip = check_previous_output(config, plan, described) if config.skip_existing else None
-    return Job(config, plan, schema, labeling, skip)
+    return Job(config, plan, schema, labeling, skip, fmt)
 
 
 def add_to_pipeline(
     pipeline: beam.Pipeline,
     job: Job,
     *,
+    output: OutputPlan,
     started_at: float,
     progress_dir: str | None = None,
     preload: bool = False,
@@ -107,8 +124,26 @@ def add_to_pipeline(
     With `preload`, the model starts loading in this process right away (for
     in-process runners: it then loads while Beam plans and reads).
     """
+    fmt = job.record_format
     rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
     rows_in = rows | "CountRows" >> beam.combiners.Count.Globally()
+    resumed_stats = None
+    if output.resumed_files:
+        committed = pipeline | "ReadCommitted" >> ReadCommitted(
+            output.directory, output.resumed_files, fmt.prefix
+        )
+        keys = (
+            committed
+            | "CommittedKeys"
+            >> beam.Map(lambda r: (r[fmt.name("source_file")], r[fmt.name("source_row")]))
+            | "CommittedSet" >> beam.CombineGlobally(beam.combiners.ToSetCombineFn())
+        )
+        rows = rows | "SkipCommitted" >> beam.ParDo(
+            SkipCommitted(fmt.prefix), committed=beam.pvalue.AsSingleton(keys)
+        )
+        resumed_stats = committed | "SummarizeCommitted" >> beam.CombineGlobally(
+            SummarizeRecords(fmt.prefix)
+        )
     skipped_count = None
     if job.skip_existing:
         done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(
@@ -119,34 +154,46 @@ def add_to_pipeline(
         ).with_outputs(SKIPPED_TAG, main="rows")
         rows = split.rows
         skipped_count = split[SKIPPED_TAG] | "CountSkipped" >> beam.combiners.Count.Globally()
-    label = LabelImages.from_spec(job.labeling)
+    label = LabelImages.from_spec(job.labeling, record_format=fmt)
     if preload:
         label.preload()
     records = rows | "LabelImages" >> label
-    written = records | "WriteParquet" >> beam.io.WriteToParquet(
-        shard_prefix(job.config.output),
-        schema=job.schema,
-        file_name_suffix=".parquet",
-        num_shards=job.config.num_shards,
-        codec="snappy",
-    )
-    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords())
+    if job.config.num_shards:
+        # A fixed number of files: Beam's sink, which commits them all at the end.
+        written = records | "WriteParquet" >> beam.io.WriteToParquet(
+            shard_prefix(output.directory, output.run_id),
+            schema=job.schema,
+            file_name_suffix=".parquet",
+            num_shards=job.config.num_shards,
+            codec="snappy",
+        )
+    else:
+        written = records | "WriteParquet" >> beam.ParDo(
+            WriteParts(output.directory, job.schema, output.run_id, job.config.commit_every)
+        )
+    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt.prefix))
     if skipped_count is None:
         skipped_count = pipeline | "NoneSkipped" >> beam.Create([0])
+    side_inputs: dict[str, Any] = {
+        "files": beam.pvalue.AsList(written),
+        "stats": beam.pvalue.AsSingleton(stats),
+        "rows_in": beam.pvalue.AsSingleton(rows_in),
+        "rows_skipped": beam.pvalue.AsSingleton(skipped_count),
+    }
+    if resumed_stats is not None:
+        side_inputs["resumed_stats"] = beam.pvalue.AsSingleton(resumed_stats)
     _ = (
         pipeline
         | "SummaryTrigger" >> beam.Create([None])
         | "WriteSummary"
         >> beam.ParDo(
             WriteSummary(
-                job.config.output,
+                output,
                 started_at,
                 {**job.config.to_dict(), "effective": job.labeling.effective()},
+                steady_from=time.time(),
             ),
-            files=beam.pvalue.AsList(written),
-            stats=beam.pvalue.AsSingleton(stats),
-            rows_in=beam.pvalue.AsSingleton(rows_in),
-            rows_skipped=beam.pvalue.AsSingleton(skipped_count),
+            **side_inputs,
         )
     )
     if progress_dir:
@@ -177,6 +224,19 @@ def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
     with fsspec.open(path, "w") as f:
         f.write(json.dumps(payload, indent=1))
     logger.info("Dry run: wrote the translated job to %s", path)
+
+
+def process_started_at() -> float:
+    """When this process started (Linux), else now: rates in summary.json count
+    the start-up (imports, model check and load) too."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def _setup_logging() -> None:
@@ -225,15 +285,28 @@ def run(
             local=runs_here,
             keep_model=local and in_process(options) and not shared,
         )
+        check_output_overlap(config, job.plan.files)
+        output = OutputPlan(config.output, "dry-run")
         if not dry_run:
-            prepare_output(config.output, overwrite=config.overwrite)
+            identity = {k: v for k, v in job.schema.metadata.items()}
+            output = prepare_output(
+                config.output,
+                overwrite=config.overwrite,
+                resume=config.resume,
+                identity={
+                    k.decode(): v.decode()
+                    for k, v in identity.items()
+                    if k.decode() in (*IDENTITY_KEYS, "image_labeler.output_prefix")
+                }
+                | {"input": redact_uri(config.input)},
+            )
     except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
         # One line, no traceback: the message names the flag or value to change.
-        print(f"label-images: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"label-images: error: {redact(' '.join(str(e).split()))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     options.view_as(SetupOptions).save_main_session = save_main_session
-    started_at = time.time()
+    started_at = process_started_at()
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
         show_progress = local and config.progress
         if test_pipeline is not None:
@@ -243,11 +316,14 @@ def run(
         add_to_pipeline(
             pipeline,
             job,
+            output=output,
             started_at=started_at,
             progress_dir=progress_dir if show_progress else None,
             preload=local and in_process(options),
         )
         total = count_rows(job.plan) if show_progress else None
+        if total is not None:
+            total = max(total - output.resumed_rows, 0)
         try:
             if show_progress:
                 with ProgressPrinter(progress_dir, total) as printer:

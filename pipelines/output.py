@@ -1,17 +1,37 @@
-"""The output directory: refusing or clearing old output, and summary.json."""
+"""The output directory: committing part files as the run goes, resuming, summary.json.
+
+A run owns an id. Its rows go into `part-<run id>-<n>.parquet` files, each
+written to a temp name and renamed (on object stores, one upload that appears
+whole), every `--commit-every` rows per worker and at the end of each bundle, so
+a run killed at 90% keeps 90%. `.label-images-run.json` marks the run while it
+is going; `--resume` continues that run, labeling only rows no part file holds.
+When every row is written, summary.json is written (atomically), then files
+of earlier runs that `--overwrite` replaces are removed, then the marker: the
+previous complete output stays untouched until the new run commits.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import posixpath
+import tempfile
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.errors import Status
 
@@ -20,7 +40,11 @@ logger = logging.getLogger(__name__)
 SHARD_PREFIX = "part"
 SHARD_SUFFIX = ".parquet"
 SUMMARY_FILE = "summary.json"
+RUN_MARKER = ".label-images-run.json"
 TOP_LABELS = 20
+#: A worker commits its part file at least this often (seconds), so a slow
+#: job keeps its progress too.
+COMMIT_INTERVAL_S = 60.0
 
 
 class OutputError(RuntimeError):
@@ -36,66 +60,249 @@ def _fs(directory: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _ours(name: str) -> bool:
     """Files and folders this tool writes into an output directory."""
+    temp_of = (f".{SHARD_PREFIX}-", f".{SUMMARY_FILE}.", f"{RUN_MARKER}.")  # write_atomic's
     return (
         (name.startswith(SHARD_PREFIX + "-") and name.endswith(SHARD_SUFFIX))
-        or name == SUMMARY_FILE
+        or name in (SUMMARY_FILE, RUN_MARKER)
         or name.startswith("beam-temp-")
+        or (name.startswith(temp_of) and name.endswith(".tmp"))
     )
 
 
-def prepare_output(directory: str, *, overwrite: bool) -> None:
-    """Refuse a non-empty output directory, or clear our old output from it.
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write a file that appears under `path` only when complete.
 
-    With `overwrite`, the old shards, summary and Beam temp folders are removed
-    first, so a re-run leaves exactly one set of files. Other files are kept.
+    Locally: a temp file beside it, fsynced, then renamed over `path`. On object
+    stores (gs://, s3://) an object appears only when its upload completes. A
+    failed write (a full disk) raises and leaves nothing under `path`.
+    """
+    if not _is_local(fs):
+        with fs.open(path, "wb") as f:
+            write(f)
+        return
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def list_ours(directory: str) -> list[str]:
+    """Names of this tool's files and folders in `directory` (none if it is missing)."""
+    fs, path = _fs(directory)
+    try:
+        # Object stores cache listings; this one must see the files just written.
+        kwargs = {} if _is_local(fs) else {"refresh": True}
+        listed = fs.ls(path, detail=False, **kwargs)
+    except FileNotFoundError:
+        return []
+    names = [posixpath.basename(str(e).rstrip("/")) for e in listed]
+    return sorted(n for n in names if n and _ours(n))
+
+
+def run_parts(directory: str, run_id: str) -> list[str]:
+    """The committed part files of one run."""
+    return [
+        n
+        for n in list_ours(directory)
+        if n.startswith(f"{SHARD_PREFIX}-{run_id}-") and n.endswith(SHARD_SUFFIX)
+    ]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where this run writes: its id, and what an interrupted run already committed."""
+
+    directory: str
+    run_id: str
+    resumed_files: tuple[str, ...] = ()  # part files of this run from before a --resume
+    resumed_rows: int = 0
+
+
+def _read_marker(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    marker = _join(path, RUN_MARKER)
+    if not fs.exists(marker):
+        return None
+    try:
+        with fs.open(marker, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_output(
+    directory: str,
+    *,
+    overwrite: bool,
+    resume: bool = False,
+    identity: Mapping[str, str] | None = None,
+) -> OutputPlan:
+    """Check the output directory and start (or continue) a run in it.
+
+    Nothing is deleted here: with `overwrite`, the previous output stays as it
+    is until this run commits (`WriteSummary` removes it then).
 
     Raises:
-        OutputError: the directory is not empty and `overwrite` is False.
+        OutputError: a non-empty directory without `overwrite` or `resume`, or a
+            `resume` that finds nothing to continue or a different job.
     """
+    identity = dict(identity or {})
     fs, path = _fs(directory)
-    if not fs.exists(path):
-        fs.makedirs(path, exist_ok=True)
-        return
-    if not fs.isdir(path):
+    if fs.exists(path) and not fs.isdir(path):
         raise OutputError(f"--output {directory} is a file, not a directory")
-    entries = [e for e in fs.ls(path, detail=False) if posixpath.basename(e.rstrip("/"))]
-    entries = [e for e in entries if e.rstrip("/") != path.rstrip("/")]
-    if not entries:
-        return
-    if not overwrite:
-        names = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
-        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-        raise OutputError(
-            f"--output {directory} is not empty ({len(names)} entries: {shown}); "
-            "pass --overwrite to replace the previous output, or choose another directory"
+    fs.makedirs(path, exist_ok=True)
+    try:
+        listed = fs.ls(path, detail=False)
+    except FileNotFoundError:  # an object store "directory" with no objects yet
+        listed = []
+    entries = [posixpath.basename(e.rstrip("/")) for e in listed]
+    entries = [e for e in entries if e and e != posixpath.basename(path.rstrip("/"))]
+    marker = _read_marker(fs, path)
+    if resume:
+        if marker is None:
+            if SUMMARY_FILE in entries:
+                raise OutputError(
+                    f"--resume: --output {directory} holds a finished run (summary.json); "
+                    "there is nothing to resume (use --overwrite to label again)"
+                )
+            if entries:
+                raise OutputError(
+                    f"--resume: --output {directory} holds no interrupted label-images run"
+                )
+        else:
+            different = sorted(
+                k for k in identity if marker.get("identity", {}).get(k) != identity[k]
+            )
+            if different:
+                raise OutputError(
+                    f"--resume: the run in --output {directory} was started with a different "
+                    f"{', '.join(k.split('.')[-1] for k in different)}; resume it with the same "
+                    "options, or use --overwrite"
+                )
+            run_id = str(marker["run_id"])
+            files = tuple(run_parts(directory, run_id))
+            rows = 0
+            for name in files:
+                with fs.open(_join(path, name), "rb") as f:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+            logger.info("--resume: %d rows already committed in %d files", rows, len(files))
+            return OutputPlan(directory, run_id, files, rows)
+    elif entries and not overwrite:
+        shown = ", ".join(sorted(entries)[:5]) + (" ..." if len(entries) > 5 else "")
+        hint = (
+            "pass --resume to continue the interrupted run in it, or --overwrite to start over"
+            if marker is not None
+            else "pass --overwrite to replace the previous output, or choose another directory"
         )
-    removed = 0
-    for entry in entries:
-        if _ours(posixpath.basename(entry.rstrip("/"))):
-            fs.rm(entry, recursive=True)
-            removed += 1
-    logger.info("--overwrite: removed %d old output entries from %s", removed, directory)
+        raise OutputError(
+            f"--output {directory} is not empty ({len(entries)} entries: {shown}); {hint}"
+        )
+    run_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    payload = json.dumps({"run_id": run_id, "identity": identity, "started_at": time.time()})
+    write_atomic(fs, _join(path, RUN_MARKER), lambda f: f.write(payload.encode("utf-8")))
+    return OutputPlan(directory, run_id)
 
 
-def shard_prefix(directory: str) -> str:
-    return _join(directory, SHARD_PREFIX)
+def shard_prefix(directory: str, run_id: str) -> str:
+    return _join(directory, f"{SHARD_PREFIX}-{run_id}")
+
+
+class WriteParts(beam.DoFn):
+    """Writes records into Parquet part files, committing each as it fills.
+
+    A part is committed every `rows_per_part` rows, every `COMMIT_INTERVAL_S`
+    seconds and at the end of a bundle; its file name is emitted once it is
+    complete under its final name. A failed write fails the bundle (and the
+    job) and leaves no partial file under a final name.
+
+    Example::
+
+        names = records | beam.ParDo(WriteParts("out/", schema, run_id="r1"))
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        schema: pa.Schema,
+        run_id: str,
+        rows_per_part: int = 2000,
+        commit_interval_s: float = COMMIT_INTERVAL_S,
+    ) -> None:
+        self._directory = directory
+        self._schema = schema
+        self._run_id = run_id
+        self._rows_per_part = rows_per_part
+        self._interval = commit_interval_s
+
+    def setup(self) -> None:
+        self._fs, self._root = _fs(self._directory)
+
+    def start_bundle(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self._since = time.monotonic()
+
+    def _commit(self) -> str:
+        table = pa.Table.from_pylist(self._rows, schema=self._schema)
+        self._rows = []
+        self._since = time.monotonic()
+        name = f"{SHARD_PREFIX}-{self._run_id}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+        write_atomic(
+            self._fs,
+            _join(self._root, name),
+            lambda f: pq.write_table(table, f, compression="snappy"),
+        )
+        return name
+
+    def process(self, record: dict[str, Any]) -> Iterator[str]:
+        self._rows.append(record)
+        if (
+            len(self._rows) >= self._rows_per_part
+            or time.monotonic() - self._since >= self._interval
+        ):
+            yield self._commit()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._rows:
+            yield WindowedValue(self._commit(), MIN_TIMESTAMP, (GlobalWindow(),))
 
 
 class SummarizeRecords(beam.CombineFn):
-    """Counts rows by status, errors by code, and labels (top-1) of ok rows."""
+    """Counts rows by status, errors by code, and labels (top-1) of ok rows.
+
+    Args:
+        prefix: the `--output-prefix` of the label columns.
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self._status = prefix + "status"
+        self._label = prefix + "label"
+        self._error = prefix + "error"
 
     def create_accumulator(self) -> dict[str, Counter]:
         return {"status": Counter(), "errors": Counter(), "labels": Counter()}
 
     def add_input(self, acc: dict[str, Counter], record: Mapping[str, Any]) -> dict[str, Counter]:
-        acc["status"][record["status"]] += 1
-        if record["status"] == Status.OK.value:
-            if record.get("label") is not None:
-                acc["labels"][record["label"]] += 1
+        status = record[self._status]
+        acc["status"][status] += 1
+        if status == Status.OK.value:
+            if record.get(self._label) is not None:
+                acc["labels"][record[self._label]] += 1
         else:
-            acc["errors"][str(record.get("error") or "").split(":", 1)[0]] += 1
+            acc["errors"][str(record.get(self._error) or "").split(":", 1)[0]] += 1
         return acc
 
     def merge_accumulators(self, accs: Iterable[dict[str, Counter]]) -> dict[str, Counter]:
@@ -117,29 +324,73 @@ class SummarizeRecords(beam.CombineFn):
 
 
 class WriteSummary(beam.DoFn):
-    """Writes summary.json once the shards are final (they come as a side input)."""
+    """Commits the run once every part file is written (they come as a side input).
 
-    def __init__(self, directory: str, started_at: float, config: Mapping[str, Any]) -> None:
-        self._directory = directory
+    summary.json is written atomically; then this tool's files that the run
+    does not own (a previous output replaced by `--overwrite`, stale temp
+    files) are removed, and last the run marker.
+    """
+
+    def __init__(
+        self,
+        plan: OutputPlan,
+        started_at: float,
+        config: Mapping[str, Any],
+        steady_from: float | None = None,
+    ) -> None:
+        self._plan = plan
         self._started_at = started_at
+        self._steady_from = steady_from
         self._config = dict(config)
 
     def process(
-        self, _: Any, files: list[str], stats: dict[str, Any], rows_in: int, rows_skipped: int = 0
+        self,
+        _: Any,
+        files: list[str],
+        stats: dict[str, Any],
+        rows_in: int,
+        rows_skipped: int = 0,
+        resumed_stats: dict[str, Any] | None = None,
     ) -> Iterator[dict[str, Any]]:
+        committed = sorted({posixpath.basename(f) for f in files} | set(self._plan.resumed_files))
+        new_ok = int(stats.get("by_status", {}).get(Status.OK.value, 0))
         summary = build_summary(
-            stats=stats,
+            stats=merge_stats(stats, resumed_stats) if resumed_stats else stats,
+            new_ok=new_ok,
             rows_in=rows_in,
             rows_skipped=rows_skipped,
-            files=files,
+            rows_resumed=self._plan.resumed_rows,
+            files=committed,
             started_at=self._started_at,
             finished_at=time.time(),
+            steady_from=self._steady_from,
             config=self._config,
         )
-        fs, path = _fs(self._directory)
-        with fs.open(_join(path, SUMMARY_FILE), "w") as f:
-            f.write(json.dumps(summary, indent=2, sort_keys=False, default=str))
+        fs, path = _fs(self._plan.directory)
+        text = json.dumps(summary, indent=2, sort_keys=False, default=str).encode("utf-8")
+        write_atomic(fs, _join(path, SUMMARY_FILE), lambda f: f.write(text))
+        keep = {*committed, SUMMARY_FILE, RUN_MARKER}
+        for name in list_ours(self._plan.directory):
+            if name not in keep:
+                fs.rm(_join(path, name), recursive=True)
+        if fs.exists(_join(path, RUN_MARKER)):
+            fs.rm(_join(path, RUN_MARKER))
         yield summary
+
+
+def merge_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Two `SummarizeRecords` outputs as one (this run's rows and resumed ones)."""
+    status = Counter(a.get("by_status", {})) + Counter(b.get("by_status", {}))
+    errors = Counter(a.get("errors_by_code", {})) + Counter(b.get("errors_by_code", {}))
+    labels: Counter[str] = Counter()
+    for stats in (a, b):
+        for item in stats.get("top_labels", []):
+            labels[item["label"]] += item["count"]
+    return {
+        "by_status": dict(status),
+        "errors_by_code": dict(errors.most_common()),
+        "top_labels": [{"label": k, "count": v} for k, v in labels.most_common(TOP_LABELS)],
+    }
 
 
 def build_summary(
@@ -148,26 +399,39 @@ def build_summary(
     rows_in: int,
     files: Iterable[str],
     rows_skipped: int = 0,
+    rows_resumed: int = 0,
+    new_ok: int | None = None,
     started_at: float,
     finished_at: float,
+    steady_from: float | None = None,
     config: Mapping[str, Any],
 ) -> dict[str, Any]:
+    """The summary.json of a run.
+
+    `images_per_s` counts from `started_at` (the process start: start-up,
+    model load and Parquet writes included); `steady_images_per_s` counts from
+    `steady_from`, when the pipeline itself started.
+    """
     from transforms import __version__
 
     by_status = {s.value: int(stats.get("by_status", {}).get(s.value, 0)) for s in Status}
     rows_out = sum(by_status.values())
     wall = max(finished_at - started_at, 1e-9)
+    steady = max(finished_at - (steady_from or started_at), 1e-9)
+    new_ok = by_status["ok"] if new_ok is None else new_ok
     return {
         "version": __version__,
         "rows_in": int(rows_in),
         "rows_skipped": int(rows_skipped),
+        "rows_resumed": int(rows_resumed),
         "rows_out": rows_out,
         "rows_by_status": by_status,
         "error_rate": (rows_out - by_status["ok"]) / rows_out if rows_out else 0.0,
         "errors_by_code": dict(stats.get("errors_by_code", {})),
         "top_labels": list(stats.get("top_labels", [])),
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(by_status["ok"] / wall, 3),
+        "images_per_s": round(new_ok / wall, 3),
+        "steady_images_per_s": round(new_ok / steady, 3),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished_at)),
         "output_files": sorted(posixpath.basename(f) for f in files),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+import posixpath
+from collections.abc import Iterable, Iterator
 
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
@@ -147,3 +148,47 @@ def preflight(config: JobConfig, options: PipelineOptions) -> None:
     if not is_local(options):
         check_remote_paths(config)
     check_filesystems(config, options)
+
+
+def normalized(path: str) -> str:
+    """A path compared by what it names: symlinks, `.`, `..` and trailing slashes resolved
+    locally; for URIs (gs://, s3://) the same normalization of the path part."""
+    if "://" in path and not path.startswith("file://"):
+        scheme, rest = path.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        key = posixpath.normpath("/" + key).rstrip("/")
+        return f"{scheme.lower()}://{bucket}{key}"
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_output_overlap(config: JobConfig, input_files: Iterable[str]) -> None:
+    """`--output` may not hold anything the run reads: `--overwrite` (and the final
+    commit) would delete it.
+
+    Raises:
+        ConfigError: naming the flag whose path lies in --output.
+    """
+    output = normalized(config.output)
+    reads: list[tuple[str, str]] = [("--input", f) for f in input_files]
+    reads += [(name, path) for name, path in launcher_paths(config) if name != "--output"]
+    for name, path in reads:
+        if _inside(normalized(path), output):
+            raise ConfigError(
+                f"{name} {path} lies in --output {config.output}, which this run writes and "
+                "clears; choose another --output"
+            )
+    if config.skip_existing and _inside(output, normalized(config.skip_existing)):
+        raise ConfigError(
+            f"--output {config.output} lies in --skip-existing {config.skip_existing}; write "
+            "the new rows to a directory of their own"
+        )
+    model = config.labeling.model
+    model_is_dir = not config.labeling.model_spec.is_default and os.path.isdir(model)
+    if model_is_dir and _inside(normalized(model), output):
+        raise ConfigError(f"--model {model} lies in --output {config.output}")

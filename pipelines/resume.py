@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -116,4 +116,41 @@ class SkipDone(beam.DoFn):
         if row.error is None and row.values.get(self._uri_column) in done:
             yield beam.pvalue.TaggedOutput(SKIPPED_TAG, row.index)
         else:
+            yield row
+
+
+# ---- --resume: the rows an interrupted run already committed ----------------------------
+
+
+class ReadCommitted(beam.PTransform):
+    """The label columns of the part files an interrupted run committed.
+
+    Yields one dict per committed row with `source_file`, `source_row`,
+    `status`, `label` and `error` (under the run's `--output-prefix`).
+    """
+
+    def __init__(self, directory: str, files: Sequence[str], prefix: str) -> None:
+        super().__init__()
+        self._paths = [directory.rstrip("/") + "/" + name for name in files]
+        self._columns = [
+            prefix + c for c in ("source_file", "source_row", "status", "label", "error")
+        ]
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "CommittedFiles" >> beam.Create(self._paths)
+            | "ReadCommittedFiles" >> beam.io.ReadAllFromParquet(columns=self._columns)
+        )
+
+
+class SkipCommitted(beam.DoFn):
+    """Rows an interrupted run already committed are dropped (counted as resumed)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._file = prefix + "source_file"
+        self._row = prefix + "source_row"
+
+    def process(self, row: ImageRow, committed: Any) -> Iterator[ImageRow]:
+        if (row.source_file, row.source_row) not in committed:
             yield row

@@ -60,7 +60,8 @@ def test_datasets_image_layout(tiny_vit: Path, photo_dir: Path, tmp_path: Path) 
     assert run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
     table = read_output(out)
     assert "image" not in table.schema.names  # image bytes are not copied by default
-    assert table.schema.names[:3] == ["id", "caption", "tags"]
+    # The struct's path stays, as a column of its own, for joining back.
+    assert table.schema.names[:4] == ["id", "image_path", "caption", "tags"]
     assert table.schema.field("tags").type == pa.list_(pa.string())
     rows = {r["id"]: r for r in table.to_pylist()}
     assert [rows[i]["status"] for i in range(1, 7)] == [
@@ -73,6 +74,16 @@ def test_datasets_image_layout(tiny_vit: Path, photo_dir: Path, tmp_path: Path) 
     ]
     assert rows[3]["error"].startswith("empty_uri")
     assert rows[5]["error"].startswith("not_an_image")
+    assert [rows[i]["image_path"] for i in range(1, 7)] == [
+        "chelsea.jpg",
+        str(photo_dir / "coffee.png"),
+        None,
+        None,
+        None,
+        None,
+    ]
+    assert {rows[i]["source_row"] for i in range(1, 7)} == set(range(6))
+    assert {rows[i]["source_file"] for i in range(1, 7)} == {str(src)}
     for original in source.drop_columns(["image"]).to_pylist():
         for key, value in original.items():
             assert rows[original["id"]][key] == value

@@ -52,7 +52,17 @@ def test_text_manifest_matches_the_seed(tiny_vit: Path, photo_dir: Path, tmp_pat
     )
     table = read_output(out)
     assert table.num_rows == len(names)
-    assert table.schema.names == ["uri", "label", "score", "labels", "scores", "status", "error"]
+    assert table.schema.names == [
+        "uri",
+        "source_file",
+        "source_row",
+        "label",
+        "score",
+        "labels",
+        "scores",
+        "status",
+        "error",
+    ]
     assert table.schema.field("score").type == pa.float32()
     assert table.schema.field("scores").type == pa.list_(pa.float32())
     seed = pipeline("image-classification", model=str(tiny_vit), device="cpu")
@@ -181,11 +191,10 @@ def test_overwrite_semantics(tiny_vit: Path, photo_dir: Path, tmp_path: Path) ->
     assert label(base) == EXIT_BAD_CONFIG  # refuses a non-empty directory
     assert len(list(out.glob("part-*.parquet"))) == 3
     assert label(base + ["--num-shards", "1", "--overwrite"]) == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == [
-        "notes.txt",
-        "part-00000-of-00001.parquet",
-        "summary.json",
-    ]
+    names = sorted(p.name for p in out.iterdir())
+    # The old shards are gone, the new run's one shard and summary are there.
+    assert len(names) == 3 and names[0] == "notes.txt" and names[2] == "summary.json", names
+    assert names[1].startswith("part-") and names[1].endswith("-00000-of-00001.parquet")
     assert read_output(out).num_rows == 4
 
 

@@ -28,7 +28,7 @@ from transforms.spec import LabelingSpec
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--input", "in.txt", "--output", "out"]
 #: Values tried as mistakes; each option must refuse at least one of them.
-CANDIDATES = ("-1", "0", "many", "maybe", "", "2.5")
+CANDIDATES = ("-1", "0", "many", "maybe", "", "2.5", "a b/c")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field[Any]:

@@ -22,7 +22,7 @@ from transforms.fetch import Fetcher
 from transforms.image_classification import ImageClassificationModelHandler
 from transforms.label import LabelImageRows, LabelingOptions, load_pixel_values
 from transforms.preprocess import ImagePreprocessor
-from transforms.rows import ImageRow, Prediction
+from transforms.rows import ImageRow, Prediction, RecordFormat
 from transforms.spec import ZERO_SHOT, LabelingSpec, resolve
 from transforms.zero_shot import ZeroShotModelHandler
 
@@ -159,8 +159,16 @@ class LabelImages(beam.PTransform):
         super().__init__()
         self._init(spec, image_field, uri_field, keep_image_field)
 
-    def _init(self, spec: LabelingSpec, image_field: str, uri_field: str, keep: bool) -> None:
+    def _init(
+        self,
+        spec: LabelingSpec,
+        image_field: str,
+        uri_field: str,
+        keep: bool,
+        record_format: RecordFormat | None = None,
+    ) -> None:
         self.spec = spec
+        self._record_format = record_format or RecordFormat()
         self._image_field = image_field
         self._uri_field = uri_field
         self._keep_image_field = keep
@@ -175,11 +183,13 @@ class LabelImages(beam.PTransform):
         image_field: str = "image",
         uri_field: str = "uri",
         keep_image_field: bool = False,
+        record_format: RecordFormat | None = None,
     ) -> LabelImages:
-        """Build from a resolved `LabelingSpec` (the CLI job does this)."""
+        """Build from a resolved `LabelingSpec` (the CLI job does this, with its
+        join-back columns and `--output-prefix` in `record_format`)."""
         self = cls.__new__(cls)
         beam.PTransform.__init__(self)
-        self._init(spec, image_field, uri_field, keep_image_field)
+        self._init(spec, image_field, uri_field, keep_image_field, record_format)
         return self
 
     def preload(self) -> None:
@@ -200,7 +210,9 @@ class LabelImages(beam.PTransform):
         records = rows | "Label" >> LabelImageRows(
             self._handler,
             self._preprocessor,
-            LabelingOptions(fetch=self.spec.fetch, decode=self.spec.decode),
+            LabelingOptions(
+                fetch=self.spec.fetch, decode=self.spec.decode, record_format=self._record_format
+            ),
         )
         return records | "RestoreKeys" >> beam.Map(_restore_key)
 

@@ -28,7 +28,7 @@ from transforms.errors import ErrorCode, RowError, Status
 from transforms.fetch import Fetcher, FetchOptions, scheme_of
 from transforms.handler_base import METRICS_NAMESPACE
 from transforms.preprocess import Preprocessor
-from transforms.rows import ImageRow, Prediction, error_record, ok_record
+from transforms.rows import ImageRow, Prediction, RecordFormat
 
 logger = logging.getLogger(__name__)
 
@@ -240,16 +240,16 @@ class FetchDecodePreprocess(beam.DoFn):
         yield from self._drain(0)
 
 
-def _to_record(item: tuple[ImageRow, Prediction | RowError]) -> dict[str, Any]:
+def _to_record(item: tuple[ImageRow, Prediction | RowError], fmt: RecordFormat) -> dict[str, Any]:
     row, result = item
     if isinstance(result, RowError):
         count_error(result)
-        return error_record(row, result)
+        return fmt.error(row, result)
     Metrics.counter(METRICS_NAMESPACE, f"rows_{Status.OK.value}").inc()
-    return ok_record(row, result)
+    return fmt.ok(row, result)
 
 
-def _failed_batch_records(failure: Any) -> Iterator[dict[str, Any]]:
+def _failed_batch_records(failure: Any, fmt: RecordFormat) -> Iterator[dict[str, Any]]:
     """Records for a batch that escaped the handler's own per-image retry."""
     batch, exc_info = failure
     message = (
@@ -258,7 +258,7 @@ def _failed_batch_records(failure: Any) -> Iterator[dict[str, Any]]:
     for row, _ in batch:
         error = RowError(ErrorCode.INFERENCE_FAILED, message)
         count_error(error)
-        yield error_record(row, error)
+        yield fmt.error(row, error)
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,7 @@ class LabelingOptions:
 
     fetch: FetchOptions = field(default_factory=FetchOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    record_format: RecordFormat = field(default_factory=RecordFormat)
 
 
 class LabelImageRows(beam.PTransform):
@@ -283,7 +284,7 @@ class LabelImageRows(beam.PTransform):
     Args:
         handler: the model handler (image or zero-shot classification).
         preprocessor: the model's image preprocessing, run before batching.
-        options: fetch and decode options.
+        options: fetch and decode options, and the output record format.
     """
 
     def __init__(
@@ -306,11 +307,12 @@ class LabelImageRows(beam.PTransform):
             | "RunInference"
             >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
         )
-        labeled = inferred | "ToRecords" >> beam.Map(_to_record)
+        fmt = self._options.record_format
+        labeled = inferred | "ToRecords" >> beam.Map(_to_record, fmt)
         failed_fetch = fetched[ERRORS_TAG] | "ErrorRecords" >> beam.MapTuple(
-            lambda row, error: error_record(row, error)
+            lambda row, error: fmt.error(row, error)
         )
         failed_batches = dead_letters.failed_inferences | "FailedBatchRecords" >> beam.FlatMap(
-            _failed_batch_records
+            _failed_batch_records, fmt
         )
         return (labeled, failed_fetch, failed_batches) | "MergeRecords" >> beam.Flatten()

@@ -37,6 +37,8 @@ class ImageRow:
         image: the image itself, when the row carries it: encoded bytes (Parquet
             with embedded images) or a PIL image (the Python API). Then `uri`
             is not fetched.
+        source_file, source_row: where the row came from, for joining results
+            back to the input (rows read from files; None through the API).
     """
 
     index: str
@@ -44,6 +46,8 @@ class ImageRow:
     values: Mapping[str, Any] = field(default_factory=dict)
     error: RowError | None = None
     image: Any = None
+    source_file: str | None = None  # the input file the row came from (redacted)
+    source_row: int | None = None  # its 0-based row index within that file
 
 
 @dataclass(frozen=True)
@@ -54,47 +58,112 @@ class Prediction:
     scores: list[float]
 
 
-def output_schema(input_schema: pa.Schema, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """The output schema: every input column, then `LABEL_FIELDS`.
+SOURCE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("source_file", pa.string()),
+    pa.field("source_row", pa.int64()),
+)
 
-    Raises:
-        ValueError: when an input column already uses one of the output names.
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """The columns the labeler adds to each row: optional join-back columns
+    (`source_file`, `source_row`) and the label columns, all with `prefix`.
+
+    Attributes:
+        prefix: prepended to every added column (``pred_`` gives ``pred_label``),
+            so input columns of the same names are kept as they are.
+        source: add `source_file` and `source_row` (the job always does).
     """
-    clash = [name for name in input_schema.names if name in LABEL_COLUMNS]
-    if clash:
-        raise ValueError(
-            f"input column(s) {clash} clash with the output columns {list(LABEL_COLUMNS)}; "
-            "rename them in the input (or drop them) before labeling"
+
+    prefix: str = ""
+    source: bool = False
+
+    @property
+    def fields(self) -> tuple[pa.Field, ...]:
+        added = (SOURCE_FIELDS if self.source else ()) + LABEL_FIELDS
+        return tuple(f.with_name(self.prefix + f.name) for f in added)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def name(self, column: str) -> str:
+        return self.prefix + column
+
+    def schema(
+        self, input_schema: pa.Schema, metadata: Mapping[str, str] | None = None
+    ) -> pa.Schema:
+        """The output schema: every input column, then the added ones.
+
+        Raises:
+            ValueError: an input column already has one of the added names.
+        """
+        clash = [name for name in input_schema.names if name in self.names]
+        if clash:
+            hint = (
+                "pass --output-prefix (e.g. --output-prefix pred_) to rename the prediction columns"
+                if not self.prefix
+                else "choose another --output-prefix"
+            )
+            raise ValueError(
+                f"input column(s) {clash} clash with the output columns {list(self.names)}; "
+                f"{hint}, or rename them in the input"
+            )
+        schema = pa.schema(list(input_schema) + list(self.fields))
+        if metadata:
+            schema = schema.with_metadata({k: v for k, v in metadata.items()})
+        return schema
+
+    def _record(self, row: ImageRow, labels: dict[str, Any]) -> dict[str, Any]:
+        record = dict(row.values)
+        if self.source:
+            record[self.prefix + "source_file"] = row.source_file
+            record[self.prefix + "source_row"] = row.source_row
+        for key, value in labels.items():
+            record[self.prefix + key] = value
+        return record
+
+    def ok(self, row: ImageRow, prediction: Prediction) -> dict[str, Any]:
+        """The output record of a labeled row."""
+        return self._record(
+            row,
+            {
+                "label": prediction.labels[0] if prediction.labels else None,
+                "score": prediction.scores[0] if prediction.scores else None,
+                "labels": list(prediction.labels),
+                "scores": list(prediction.scores),
+                "status": Status.OK.value,
+                "error": None,
+            },
         )
-    schema = pa.schema(list(input_schema) + list(LABEL_FIELDS))
-    if metadata:
-        schema = schema.with_metadata({k: v for k, v in metadata.items()})
-    return schema
+
+    def error(self, row: ImageRow, error: RowError) -> dict[str, Any]:
+        """The output record of a row that failed: same columns, no labels."""
+        return self._record(
+            row,
+            {
+                "label": None,
+                "score": None,
+                "labels": None,
+                "scores": None,
+                "status": error.status.value,
+                "error": str(error),
+            },
+        )
+
+
+def output_schema(
+    input_schema: pa.Schema,
+    metadata: Mapping[str, str] | None = None,
+    record_format: RecordFormat | None = None,
+) -> pa.Schema:
+    """The output schema of `record_format` (default: label columns, no prefix)."""
+    return (record_format or RecordFormat()).schema(input_schema, metadata)
 
 
 def ok_record(row: ImageRow, prediction: Prediction) -> dict[str, Any]:
-    """The output record of a labeled row."""
-    record = dict(row.values)
-    record.update(
-        label=prediction.labels[0] if prediction.labels else None,
-        score=prediction.scores[0] if prediction.scores else None,
-        labels=list(prediction.labels),
-        scores=list(prediction.scores),
-        status=Status.OK.value,
-        error=None,
-    )
-    return record
+    return RecordFormat().ok(row, prediction)
 
 
 def error_record(row: ImageRow, error: RowError) -> dict[str, Any]:
-    """The output record of a row that failed: same columns, no labels."""
-    record = dict(row.values)
-    record.update(
-        label=None,
-        score=None,
-        labels=None,
-        scores=None,
-        status=error.status.value,
-        error=str(error),
-    )
-    return record
+    return RecordFormat().error(row, error)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from transforms.errors import ErrorCode, RowError
+from transforms.errors import ErrorCode, RowError, redact_uri
 from transforms.rows import ImageRow
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,25 @@ class InputPlan:
     encoding: str = "utf-8"  # text, CSV and JSONL manifests
 
     @property
+    def image_path_column(self) -> str | None:
+        """`<image column>_path`: an image struct's `path` kept as a column of its own
+        when the struct itself is not copied to the output."""
+        if not self.image_column or self.keep_image_column:
+            return None
+        type_ = self.schema.field(self.image_column).type
+        if pa.types.is_struct(type_) and type_.get_field_index("path") >= 0:
+            return f"{self.image_column}_path"
+        return None
+
+    @property
     def passthrough_schema(self) -> pa.Schema:
         """The input columns copied to the output (image bytes only when asked)."""
         if self.image_column and not self.keep_image_column:
-            return self.schema.remove(self.schema.get_field_index(self.image_column))
+            index = self.schema.get_field_index(self.image_column)
+            schema = self.schema.remove(index)
+            if self.image_path_column:
+                schema = schema.insert(index, pa.field(self.image_path_column, pa.string()))
+            return schema
         return self.schema
 
 
@@ -466,7 +481,10 @@ class _ReadRows(beam.DoFn):
             "parquet": self._parquet,
         }[self._plan.format]
         image_column = self._plan.image_column
-        for row_no, values, error in reader(path, row_group):
+        source_file = redact_uri(path)
+        # Parquet readers yield 0-based row offsets; manifests count their rows.
+        for position, (row_no, values, error) in enumerate(reader(path, row_group)):
+            source_row = row_no if self._plan.format == "parquet" else position
             image = None
             raw = _to_text(values.get(self._plan.uri_column)) if self._plan.uri_column else None
             if image_column:
@@ -478,6 +496,8 @@ class _ReadRows(beam.DoFn):
                 if isinstance(cell, dict):  # {bytes, path}: fetch the path when bytes is null
                     image = cell.get("bytes")
                     raw = raw or _to_text(cell.get("path"))
+                    if self._plan.image_path_column:
+                        values[self._plan.image_path_column] = cell.get("path")
                 else:
                     image = cell
                 if image is None and not raw and error is None:
@@ -486,7 +506,13 @@ class _ReadRows(beam.DoFn):
                     )
             uri = resolve_uri(raw, base) if raw else raw
             yield ImageRow(
-                index=f"{file_no}:{row_no}", uri=uri, values=values, error=error, image=image
+                index=f"{file_no}:{row_no}",
+                uri=uri,
+                values=values,
+                error=error,
+                image=image,
+                source_file=source_file,
+                source_row=source_row,
             )
 
     def _text(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
