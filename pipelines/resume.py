@@ -52,11 +52,6 @@ def check_previous_output(
     """
     previous = config.skip_existing
     assert previous is not None
-    if previous.rstrip("/") == config.output.rstrip("/"):
-        raise ConfigError(
-            "--skip-existing must name the previous output, not --output itself; write "
-            "the new rows to a new directory"
-        )
     if not plan.uri_column:
         raise ConfigError("--skip-existing needs a URI column to match rows on")
     shards = previous_shards(previous)
