@@ -271,7 +271,7 @@ def test_credentials_in_uris_never_reach_what_the_tool_writes(
     )
     with serve({"list.txt": (lines + "\n").encode()}) as server:
         host, port = server.server_address[:2]
-        url = f"http://user:hunter2@{host}:{port}/img/list.txt?X-Goog-Signature=SECRET2"
+        url = f"http://user:hunter2@{host!s}:{port}/img/list.txt?X-Goog-Signature=SECRET2"
         out = tmp_path / "out"
         code = run_job(
             [
