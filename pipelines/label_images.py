@@ -100,6 +100,7 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
         input_format=config.input_format,
         encoding=config.input_encoding,
     )
+    check_output_overlap(config, plan.files)
     labeling = resolve(config.labeling, local=local, keep_model=keep_model)
     described = labeling_metadata(labeling)
     fmt = RecordFormat(prefix=config.output_prefix, source=True)
@@ -285,7 +286,6 @@ def run(
             local=runs_here,
             keep_model=local and in_process(options) and not shared,
         )
-        check_output_overlap(config, job.plan.files)
         output = OutputPlan(config.output, "dry-run")
         if not dry_run:
             identity = {k: v for k, v in job.schema.metadata.items()}

@@ -262,7 +262,7 @@ def test_csv_reader_keeps_every_record(
     delimiter: str,
 ) -> None:
     buf = io.StringIO()
-    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    writer = csv.writer(buf, delimiter=delimiter)  # \r\n: fields holding \r get quoted
     writer.writerow(["uri", "a", "b", "c", "d"])
     for record in records:
         writer.writerow(record)
@@ -323,7 +323,8 @@ def test_decode_fuzz_truncated_and_garbled_images(
     try:
         image = decode_image(bytes(data))
     except RowError as e:
-        assert bytes(data[:8]).hex() not in str(e)
+        if len(data) >= 4:  # a shorter hex string could be part of a word
+            assert bytes(data[:8]).hex() not in str(e)
     else:
         assert image.mode == "RGB"
 

@@ -113,4 +113,4 @@ def test_skip_existing_errors(
     assert _label(base + ["--output", str(empty), "--skip-existing", str(empty)]) == (
         EXIT_BAD_CONFIG
     )
-    assert "not --output itself" in capsys.readouterr().err
+    assert "lies in --output" in capsys.readouterr().err
