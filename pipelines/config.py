@@ -164,6 +164,9 @@ class JobConfig:
         None, rate, "exit 3 when more than this share of rows failed", "RATE"
     )
     progress: bool = option(True, boolean, "show live progress on local runs", "BOOL")
+    report: bool = option(
+        True, boolean, "write report.html (charts, thumbnails, failures) into --output", "BOOL"
+    )
     labeling: LabelingSpec = field(default_factory=LabelingSpec)
     config: str | None = None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
@@ -227,8 +230,12 @@ examples:
       --candidate-labels 'cat,dog,"hot dog, grilled"' --output out/
 
   # Dataflow (see configs/dataflow-gpu.yaml)
-  label-images --config configs/dataflow-gpu.yaml --input gs://b/m.csv \\
+  label-images --config configs/dataflow-gpu.yaml --runner DataflowRunner --input gs://b/m.csv \\
       --output gs://b/labels --project P --region us-central1 --temp_location gs://b/tmp
+
+  # continue a run that was killed, then rebuild its report
+  label-images --input photos.txt --output out/ --resume
+  label-images report out/
 
   # label only what a previous output did not label
   label-images --input photos.txt --skip-existing out/ --output out-2/

@@ -40,7 +40,8 @@ from pipelines.output import (
     shard_prefix,
 )
 from pipelines.preflight import check_output_overlap, preflight
-from pipelines.progress import ProgressPrinter, ReportProgress, progress_line
+from pipelines.progress import ProgressPrinter, ReportProgress
+from pipelines.report import build_report
 from pipelines.resume import (
     IDENTITY_KEYS,
     SKIPPED_TAG,
@@ -106,6 +107,9 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
     fmt = RecordFormat(prefix=config.output_prefix, source=True)
     if config.output_prefix:
         described["image_labeler.output_prefix"] = config.output_prefix
+    # Where the images came from, for the report's thumbnails.
+    described["image_labeler.uri_column"] = plan.uri_column or ""
+    described["image_labeler.image_column"] = plan.image_column or ""
     schema = fmt.schema(plan.passthrough_schema, described)
     skip = check_previous_output(config, plan, described) if config.skip_existing else None
     return Job(config, plan, schema, labeling, skip, fmt)
@@ -198,7 +202,11 @@ def add_to_pipeline(
         )
     )
     if progress_dir:
-        _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir))
+        _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir, fmt.prefix))
+        if job.skip_existing:
+            _ = split[SKIPPED_TAG] | "ReportSkipped" >> beam.ParDo(
+                ReportProgress(progress_dir, kind="skipped")
+            )
     return records
 
 
@@ -328,8 +336,7 @@ def run(
             if show_progress:
                 with ProgressPrinter(progress_dir, total) as printer:
                     pipeline.run().wait_until_finish()
-                done = printer.done()
-                print(progress_line(done, total, time.time() - started_at), file=sys.stderr)
+                print(printer.line(), file=sys.stderr)
             else:
                 result = pipeline.run()
                 result.wait_until_finish()
@@ -352,6 +359,11 @@ def run(
         print("label-images: the job ran but wrote no summary.json", file=sys.stderr)
         return EXIT_JOB_FAILED
     _print_summary(summary)
+    if config.report:
+        try:
+            print(f"Report: {build_report(config.output)}", file=sys.stderr)
+        except Exception as e:  # the labels are written; a report problem is no failure
+            logger.warning("Could not write report.html: %s", redact(f"{type(e).__name__}: {e}"))
     # The final line is one machine-readable JSON summary (scheduler logs).
     brief = {k: v for k, v in summary.items() if k != "config"}
     print(json.dumps({"label_images_summary": brief}, default=str))
@@ -365,8 +377,33 @@ def run(
     return EXIT_OK
 
 
+def report_main(argv: Sequence[str]) -> int:
+    """`label-images report OUTPUT_DIR`: rebuild report.html of an existing output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="label-images report",
+        description="Rebuild report.html from an existing output directory (local or gs://).",
+    )
+    parser.add_argument("output", metavar="OUTPUT_DIR")
+    args = parser.parse_args(list(argv))
+    _setup_logging()
+    try:
+        print(build_report(args.output))
+    except FileNotFoundError:
+        print(
+            f"label-images: error: {args.output} has no summary.json (no finished run)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    return EXIT_OK
+
+
 def main() -> None:
-    sys.exit(run())
+    argv = sys.argv[1:]
+    if argv[:1] == ["report"]:
+        sys.exit(report_main(argv[1:]))
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def _ours(name: str) -> bool:
     """Files and folders this tool writes into an output directory."""
-    temp_of = (f".{SHARD_PREFIX}-", f".{SUMMARY_FILE}.", f"{RUN_MARKER}.")  # write_atomic's
+    temp_of = (f".{SHARD_PREFIX}-", f".{SUMMARY_FILE}.", f"{RUN_MARKER}.", ".report.html.")
     return (
         (name.startswith(SHARD_PREFIX + "-") and name.endswith(SHARD_SUFFIX))
-        or name in (SUMMARY_FILE, RUN_MARKER)
+        or name in (SUMMARY_FILE, RUN_MARKER, "report.html")
         or name.startswith("beam-temp-")
         or (name.startswith(temp_of) and name.endswith(".tmp"))
     )

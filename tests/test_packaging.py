@@ -84,6 +84,13 @@ def test_sdist_and_wheel_contain_the_packages_and_configs(tmp_path: Path) -> Non
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # An SPDX `license` string: setuptools prints no license deprecation banner.
+    banners = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "deprecat" in line.lower() and "licen" in line.lower()
+    ]
+    assert not banners, banners
     wheel = next(tmp_path.glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for required in (

@@ -95,7 +95,10 @@ def single_threaded_torch_in_this_thread() -> None:
 
 
 def count_error(error: RowError) -> None:
-    """Beam counters per status and per error code (shown in Dataflow's UI)."""
+    """Beam counters per status and per error code (shown in Dataflow's UI):
+    `images_failed`, `images_failed_<code>`, `rows_<status>`, `error_<code>`."""
+    Metrics.counter(METRICS_NAMESPACE, "images_failed").inc()
+    Metrics.counter(METRICS_NAMESPACE, f"images_failed_{error.code.value}").inc()
     Metrics.counter(METRICS_NAMESPACE, f"rows_{error.status.value}").inc()
     Metrics.counter(METRICS_NAMESPACE, f"error_{error.code.value}").inc()
 
@@ -245,6 +248,7 @@ def _to_record(item: tuple[ImageRow, Prediction | RowError], fmt: RecordFormat) 
     if isinstance(result, RowError):
         count_error(result)
         return fmt.error(row, result)
+    Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
     Metrics.counter(METRICS_NAMESPACE, f"rows_{Status.OK.value}").inc()
     return fmt.ok(row, result)
 
