@@ -52,6 +52,7 @@ from pipelines.resume import (
     check_previous_output,
 )
 from pipelines.runner import in_process, is_local, make_runner
+from transforms.allocator import tune_malloc
 from transforms.api import LabelImages
 from transforms.errors import redact, redact_uri
 from transforms.label_set import LabelSetError
@@ -314,6 +315,8 @@ def run(
         return EXIT_BAD_CONFIG
 
     options.view_as(SetupOptions).save_main_session = save_main_session
+    if config.labeling.tune_malloc:
+        tune_malloc()  # the launcher is the worker of an in-process run
     started_at = process_started_at()
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
         show_progress = local and config.progress

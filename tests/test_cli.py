@@ -192,8 +192,9 @@ def test_overwrite_semantics(tiny_vit: Path, photo_dir: Path, tmp_path: Path) ->
     assert len(list(out.glob("part-*.parquet"))) == 3
     assert label(base + ["--num-shards", "1", "--overwrite"]) == EXIT_OK
     names = sorted(p.name for p in out.iterdir())
-    # The old shards are gone, the new run's one shard and summary are there.
-    assert len(names) == 3 and names[0] == "notes.txt" and names[2] == "summary.json", names
+    # The old shards are gone; the new run's one shard, summary and report are there.
+    assert len(names) == 4 and names[0] == "notes.txt", names
+    assert names[2:] == ["report.html", "summary.json"], names
     assert names[1].startswith("part-") and names[1].endswith("-00000-of-00001.parquet")
     assert read_output(out).num_rows == 4
 

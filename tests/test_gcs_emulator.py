@@ -75,8 +75,8 @@ def test_full_job_on_gcs(
     fs, path = fsspec.core.url_to_fs(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    # One shard of this run and the summary; the run marker is gone once committed.
-    assert len(names) == 2 and names[1] == "summary.json", names
+    # One shard of this run, the summary and the report; the run marker is gone.
+    assert len(names) == 3 and names[1:] == ["report.html", "summary.json"], names
     assert names[0].startswith("part-") and names[0].endswith("-00000-of-00001.parquet")
 
 

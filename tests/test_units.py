@@ -395,3 +395,30 @@ def test_dataflow_runs_are_left_to_beam() -> None:
     options = PipelineOptions(["--runner", "DataflowRunner"])
     assert make_runner(options) is None
     assert options.view_as(DirectOptions).direct_num_workers == 1
+
+
+def test_malloc_thresholds_apply_once_unless_the_environment_chose() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from transforms.allocator import tune_malloc; print(tune_malloc(), tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("LD_PRELOAD", None)
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["True", "True"]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": root, "MALLOC_TRIM_THRESHOLD_": "1048576"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["False", "False"]

@@ -40,11 +40,13 @@ class DecodeOptions:
             default: the pixels then differ from what `transformers.pipeline`
             decodes, and so can labels.
         threads: images decoded and preprocessed at once per worker process.
+        tune_malloc: apply `transforms.allocator.tune_malloc` in the worker.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast: bool = False
     threads: int = 2
+    tune_malloc: bool = True  # see transforms.allocator
 
 
 def decode_image(

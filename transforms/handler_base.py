@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
+from transforms.allocator import tune_malloc
 from transforms.compiled import CompiledForward
 from transforms.errors import RowError
 from transforms.inference import isolate_failures, start_preload, take_preloaded
@@ -162,6 +163,8 @@ class TorchHandlerBase(
         """
         from transformers.utils import logging as hf_logging
 
+        if self.labeling.tune_malloc:
+            tune_malloc()
         hf_logging.disable_progress_bar()
         if self._torch_threads:
             import torch

@@ -23,6 +23,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageOps
 
+from transforms.allocator import tune_malloc
 from transforms.decode import DecodeOptions, decode_image
 from transforms.errors import ErrorCode, RowError, Status
 from transforms.fetch import Fetcher, FetchOptions, scheme_of
@@ -131,6 +132,8 @@ class FetchDecodePreprocess(beam.DoFn):
         self._decode = decode or DecodeOptions()
 
     def setup(self) -> None:
+        if self._decode.tune_malloc:
+            tune_malloc()
         self._preprocessor.setup()
         self._draft_side = self._preprocessor.draft_side if self._decode.fast else None
         self._fetcher = Fetcher(self._fetch)

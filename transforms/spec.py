@@ -160,6 +160,14 @@ class LabelingSpec:
     torch_threads: int | None = option(
         None, positive_int, "torch intra-op threads per process (default: all cores)", "N"
     )
+    tune_malloc: bool = option(
+        True,
+        boolean,
+        "raise glibc malloc's trim and mmap thresholds in every labeling process, so the "
+        "forward pass reuses its buffers instead of faulting in fresh pages (ignored when "
+        "MALLOC_*_THRESHOLD_ or LD_PRELOAD is set)",
+        "BOOL",
+    )
     fast_decode: bool = option(
         False,
         boolean,
@@ -235,7 +243,10 @@ class LabelingSpec:
     @property
     def decode(self) -> DecodeOptions:
         return DecodeOptions(
-            max_pixels=self.max_image_pixels, fast=self.fast_decode, threads=self.decode_threads
+            max_pixels=self.max_image_pixels,
+            fast=self.fast_decode,
+            threads=self.decode_threads,
+            tune_malloc=self.tune_malloc,
         )
 
     @property
