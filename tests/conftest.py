@@ -376,3 +376,19 @@ def zero_shot_handler(
     if text_batch_size is None:
         return ZeroShotModelHandler(spec)
     return ZeroShotModelHandler(spec, text_batch_size=text_batch_size)
+
+
+def run_cli(args: list[str], timeout: float = 300) -> Any:
+    """`python -m pipelines.label_images ARGS` in a fresh process; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.label_images", *args],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
 from pipelines.preflight import normalized
-from tests.conftest import read_output, run_job
+from tests.conftest import read_output, run_cli, run_job
 from tests.http_server import serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,22 +157,9 @@ def test_resume_after_kill_9_ends_with_every_row_exactly_once(
     before = sum(pq.ParquetFile(p).metadata.num_rows for p in committed)
     assert 0 < before < 300
     # Without --resume the interrupted run is not silently mixed into a new one.
-    plain = subprocess.run(
-        [sys.executable, "-m", "pipelines.label_images", *args, "--progress", "false"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-    )
+    plain = run_cli([*args, "--progress", "false"])
     assert plain.returncode == EXIT_BAD_CONFIG and "--resume" in plain.stderr
-    resumed = subprocess.run(
-        [sys.executable, "-m", "pipelines.label_images", *args, "--resume", "--progress", "false"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_cli([*args, "--resume", "--progress", "false"])
     assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
     rows = read_output(out).to_pylist()
     keys = Counter((r["source_file"], r["source_row"]) for r in rows)

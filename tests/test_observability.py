@@ -8,8 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK, report_main
 from pipelines.progress import Counts, ProgressPrinter, progress_line
-from tests.conftest import read_output, run_job
+from tests.conftest import read_output, run_cli, run_job
 from transforms import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,11 +65,8 @@ def test_progress_totals_in_both_runner_modes(
     manifest = tmp_path / "m.txt"
     photos = sorted(str(p) for p in photo_dir.glob("*.jpg"))
     manifest.write_text("\n".join([*photos, "missing.jpg"]) + "\n")
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
-            "-m",
-            "pipelines.label_images",
             "--input",
             str(manifest),
             "--output",
@@ -82,12 +77,7 @@ def test_progress_totals_in_both_runner_modes(
             "2",
             "--direct_running_mode",
             mode,
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     assert "5/5 images (100%)" in proc.stderr and "failed: not_found 1" in proc.stderr
