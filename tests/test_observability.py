@@ -265,3 +265,28 @@ def test_version_and_help_examples(capsys: pytest.CaptureFixture[str]) -> None:
         "photos.txt --output out/",
     ):
         assert example in text, example
+
+
+@pytest.mark.slow
+def test_progress_shows_skipped_rows_apart(photo_dir: Path, tiny_vit: Path, tmp_path: Path) -> None:
+    photos = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    first = tmp_path / "first.txt"
+    first.write_text("\n".join(photos[:2]) + "\n")
+    common = ["--model", str(tiny_vit)]
+    assert run_job(["--input", str(first), "--output", str(tmp_path / "a"), *common]) == 0
+    manifest = tmp_path / "all.txt"
+    manifest.write_text("\n".join(photos) + "\n")
+    proc = run_cli(
+        [
+            "--input",
+            str(manifest),
+            "--output",
+            str(tmp_path / "b"),
+            *common,
+            "--skip-existing",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    # Four rows in, two reused: two to label, shown apart from the two skipped.
+    assert "2/2 images (100%)" in proc.stderr and "skipped 2" in proc.stderr
