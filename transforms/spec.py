@@ -272,13 +272,10 @@ class LabelingSpec:
 
 def check_combinations(spec: LabelingSpec) -> None:
     """Contradictions that need no model. Messages name the options."""
-    if spec.precision == "fp16" and spec.device == "cpu":
-        raise ConfigError("--precision fp16 needs a GPU; use --precision bf16 or fp32 on CPU")
-    if spec.quantize != "none":
-        if spec.device == "cuda":
-            raise ConfigError("--quantize int8 runs on CPU only; use --precision fp16 on a GPU")
-        if spec.precision != "fp32":
-            raise ConfigError("--quantize int8 needs --precision fp32 (it quantizes fp32 weights)")
+    if spec.device != "auto":  # "auto" is checked once resolved (`resolve`, the workers)
+        check_device_support(spec.device, spec.precision, spec.quantize)
+    if spec.quantize != "none" and spec.precision != "fp32":
+        raise ConfigError("--quantize int8 needs --precision fp32 (it quantizes fp32 weights)")
     if (
         spec.batch_size is not None
         and spec.min_batch_size is not None
@@ -399,18 +396,22 @@ def resolve_device(device: str) -> str:
 
 
 def check_device_support(device: str, precision: str, quantize: str) -> None:
-    """Refuse a precision or quantization that the resolved device cannot run.
+    """Refuse a precision or quantization that the device cannot run: the one check
+    for a device named by the user, resolved on a local run, or resolved on a worker.
 
     Raises:
         ConfigError: naming the option.
     """
     if precision == "fp16" and device == "cpu":
         raise ConfigError(
-            "--precision fp16 needs a GPU and this machine has none (the device resolved "
-            "to cpu); use --precision bf16 or fp32"
+            "--precision fp16 needs a GPU and the device is cpu (--device auto resolves to "
+            "cpu without one); use --precision bf16 or fp32 on CPU"
         )
     if quantize != "none" and device != "cpu":
-        raise ConfigError(f"--quantize {quantize} runs on CPU only, not on {device}")
+        raise ConfigError(
+            f"--quantize {quantize} runs on CPU only, not on {device}; use --precision fp16 "
+            "on a GPU"
+        )
 
 
 def read_label_file(path: str) -> tuple[str, ...]:
