@@ -132,19 +132,18 @@ class LabelImages(beam.PTransform):
                 | LabelImages(model="default", top_k=3)
             )
 
-    Every option is keyword-only and checked here, when the pipeline is built;
-    an unknown option is a TypeError that names it.
+    Every option is keyword-only and checked here, when the pipeline is built,
+    and so is the model (`transforms.spec.resolve`: its task, and weights that
+    transformers would initialize at random); an unknown option is a TypeError
+    that names it, a bad value a `ConfigError` with the CLI's message.
 
     Args:
-        model: "default", a model directory, a gs:// directory or a hub id.
-        task: "image-classification" or "zero-shot-image-classification".
-        candidate_labels: zero-shot labels.
-        hypothesis_template: zero-shot prompt(s), each with "{}".
-        top_k: labels kept per image; 0 keeps all.
-        function_to_apply: "default", "softmax", "sigmoid" or "none".
         image_field, uri_field: field names for dict/Row elements.
         keep_image_field: keep image bytes in the output dicts.
-        revision, device, precision, batch_size, fetch, decode, ...: as the CLI.
+        options: any `LabelingSpec` option, named as the CLI flag in underscores:
+            `model`, `task`, `candidate_labels`, `hypothesis_template`, `top_k`,
+            `function_to_apply`, `revision`, `device`, `precision`, `batch_size`,
+            `fast_decode`, `fetch_timeout`, `torch_threads`, ...
     """
 
     def __init__(
