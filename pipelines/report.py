@@ -113,6 +113,21 @@ def _add(
     _push(stats.low, -row.score, n, row, LOW_CONFIDENCE)
 
 
+def _embedded_image(path: str, index: int, column: str) -> bytes | None:
+    """Row `index`'s image from an input Parquet file, reading only its row group."""
+    with fsspec.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        start = 0
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if index < start + rows:
+                cell = parquet.read_row_group(group, columns=[column]).column(column)
+                value = cell[index - start].as_py()
+                return value.get("bytes") if isinstance(value, dict) else value
+            start += rows
+    return None
+
+
 def _thumbnail(row: _Row, image_column: str | None) -> str | None:
     """A small JPEG data URI of the row's image, or None when it cannot be had."""
     from PIL import Image
@@ -124,10 +139,7 @@ def _thumbnail(row: _Row, image_column: str | None) -> str | None:
     try:
         data: bytes | None = None
         if image_column and row.source_file and row.source_row is not None:
-            with fsspec.open(row.source_file, "rb") as f:
-                table = pq.read_table(f, columns=[image_column])
-            cell = table.column(image_column)[row.source_row].as_py()
-            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            data = _embedded_image(row.source_file, row.source_row, image_column)
         if data is None and row.uri:
             base = posixpath.dirname(row.source_file or "")
             data = fetch_bytes(resolve_uri(row.uri, base), FetchOptions(timeout_s=10, retries=0))

@@ -290,3 +290,20 @@ def test_progress_shows_skipped_rows_apart(photo_dir: Path, tiny_vit: Path, tmp_
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     # Four rows in, two reused: two to label, shown apart from the two skipped.
     assert "2/2 images (100%)" in proc.stderr and "skipped 2" in proc.stderr
+
+
+def test_report_thumbnails_of_embedded_images(
+    photo_dir: Path, tiny_vit: Path, tmp_path: Path
+) -> None:
+    """Images inside Parquet (not copied to the output) are read back from the input
+    row by row group, so the report still shows them."""
+    photos = sorted(photo_dir.glob("*.jpg"))
+    src = tmp_path / "in.parquet"
+    table = pa.table({"id": list(range(len(photos))), "image": [p.read_bytes() for p in photos]})
+    pq.write_table(table, src, row_group_size=2)
+    out = tmp_path / "out"
+    assert run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
+    page = (out / "report.html").read_text()
+    examples = page.split('id="examples"', 1)[1].split('id="low-confidence"', 1)[0]
+    assert examples.count('src="data:image/jpeg;base64,') >= len(photos)
+    assert "no image" not in examples
