@@ -12,7 +12,7 @@ import pytest
 from pipelines.config import ConfigError, load_config
 from transforms import sources
 from transforms.errors import ErrorCode
-from transforms.rows import output_schema
+from transforms.rows import RecordFormat
 from transforms.sources import InputError, _ReadRows, count_rows, plan_input, resolve_uri
 
 
@@ -136,7 +136,7 @@ def test_resolve_uri() -> None:
 
 def test_output_schema_refuses_clashing_columns() -> None:
     with pytest.raises(ValueError, match="label"):
-        output_schema(pa.schema([("uri", pa.string()), ("label", pa.int64())]))
+        RecordFormat().schema(pa.schema([("uri", pa.string()), ("label", pa.int64())]))
 
 
 # ---- config --------------------------------------------------------------------

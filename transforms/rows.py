@@ -150,20 +150,3 @@ class RecordFormat:
                 "error": str(error),
             },
         )
-
-
-def output_schema(
-    input_schema: pa.Schema,
-    metadata: Mapping[str, str] | None = None,
-    record_format: RecordFormat | None = None,
-) -> pa.Schema:
-    """The output schema of `record_format` (default: label columns, no prefix)."""
-    return (record_format or RecordFormat()).schema(input_schema, metadata)
-
-
-def ok_record(row: ImageRow, prediction: Prediction) -> dict[str, Any]:
-    return RecordFormat().ok(row, prediction)
-
-
-def error_record(row: ImageRow, error: RowError) -> dict[str, Any]:
-    return RecordFormat().error(row, error)
