@@ -101,11 +101,12 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
         keep_image_column=config.keep_image_column,
         input_format=config.input_format,
         encoding=config.input_encoding,
+        max_member_bytes=config.labeling.max_image_bytes,
     )
     check_output_overlap(config, plan.files)
     labeling = resolve(config.labeling, local=local, keep_model=keep_model)
     described = labeling_metadata(labeling)
-    fmt = RecordFormat(prefix=config.output_prefix, source=True)
+    fmt = RecordFormat(prefix=config.output_prefix, source=True, embeddings=labeling.embeddings)
     if config.output_prefix:
         described["image_labeler.output_prefix"] = config.output_prefix
     # Where the images came from, for the report's thumbnails.

@@ -94,7 +94,7 @@ def test_default_job_equals_transformers_pipeline_on_photos_of_every_size(
 
     # PIL images through the Python API.
     images = [Image.open(p) for p in sized_photos]
-    results: list[list[dict[str, Any]]] = classify(images, top_k=5)  # type: ignore[assignment]
+    results: list[list[dict[str, Any]]] = classify(images, top_k=5)
     for photo, result in zip(sized_photos, results, strict=True):
         _assert_matches(
             [d["label"] for d in result], [d["score"] for d in result], expected[str(photo)]
@@ -234,5 +234,7 @@ def test_summary_records_the_settings_that_ran(
         "quantize": "none",
         "decode": "exact",
         "batch_size": 4,
+        "threshold": None,
+        "embeddings": False,
     }
     assert summary["config"]["device"] == "auto" and summary["config"]["fast_decode"] is False

@@ -167,7 +167,10 @@ class LabelImages(beam.PTransform):
         record_format: RecordFormat | None = None,
     ) -> None:
         self.spec = spec
-        self._record_format = record_format or RecordFormat()
+        # The embedding column follows the spec, whatever format was passed.
+        self._record_format = dataclasses.replace(
+            record_format or RecordFormat(), embeddings=spec.embeddings
+        )
         self._image_field = image_field
         self._uri_field = uri_field
         self._keep_image_field = keep
@@ -233,7 +236,7 @@ def _loaded(spec: LabelingSpec) -> tuple[Any, Any, ImagePreprocessor]:
         return _CACHE[spec]
 
 
-def classify(images: Any, **options: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+def classify(images: Any, **options: Any) -> Any:
     """Label images in memory, in the style of `transformers.pipeline`.
 
     Args:
@@ -245,8 +248,10 @@ def classify(images: Any, **options: Any) -> list[dict[str, Any]] | list[list[di
             name is a TypeError naming it, a bad value a `ConfigError`.
 
     Returns:
-        For one image, a list of ``{"label", "score"}`` dicts, best first; for a
-        list, one such list per image. The scores are exactly those the
+        For one image, a list of ``{"label", "score"}`` dicts, best first (with
+        `threshold`, those scoring at least it: possibly none); for a list, one
+        such list per image. With ``embeddings=True`` each image's result is
+        ``{"labels": [...], "embedding": float32 array}`` instead. The scores are exactly those the
         pipeline writes (same preprocessing, handler and postprocessing).
 
     Raises:
@@ -289,15 +294,17 @@ def classify(images: Any, **options: Any) -> list[dict[str, Any]] | list[list[di
     finally:
         fetcher.close()
     batch_size = resolved.batching.max_batch_size
-    results: list[list[dict[str, Any]]] = []
+    results: list[Any] = []
     for start in range(0, len(pixel_values), batch_size):
         for result in handler.run_inference(pixel_values[start : start + batch_size], loaded):
             if isinstance(result, RowError):
                 raise ValueError(str(result))
-            results.append(
-                [
-                    {"label": label, "score": score}
-                    for label, score in zip(result.labels, result.scores, strict=True)
-                ]
-            )
+            labels = [
+                {"label": label, "score": score}
+                for label, score in zip(result.labels, result.scores, strict=True)
+            ]
+            if resolved.embeddings:
+                results.append({"labels": labels, "embedding": result.embedding})
+            else:
+                results.append(labels)
     return results[0] if single else results

@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     BAD_ENCODING = "bad_encoding"
     LINE_TOO_LONG = "line_too_long"
     BAD_PATH = "bad_path"
+    NO_IMAGE = "no_image"
     # fetch_error
     NOT_FOUND = "not_found"
     PERMISSION_DENIED = "permission_denied"
@@ -60,6 +61,7 @@ class ErrorCode(str, Enum):
     CORRUPT = "corrupt"
     DECOMPRESSION_BOMB = "decompression_bomb"
     DECODE_FAILED = "decode_failed"
+    BAD_SHARD = "bad_shard"
     # inference_error
     INFERENCE_FAILED = "inference_failed"
 
@@ -72,6 +74,8 @@ _STATUS_OF_CODE: dict[ErrorCode, Status] = {
     ErrorCode.BAD_ENCODING: Status.INVALID_INPUT,
     ErrorCode.LINE_TOO_LONG: Status.INVALID_INPUT,
     ErrorCode.BAD_PATH: Status.INVALID_INPUT,
+    ErrorCode.NO_IMAGE: Status.INVALID_INPUT,
+    ErrorCode.BAD_SHARD: Status.DECODE_ERROR,
     ErrorCode.EMPTY_FILE: Status.DECODE_ERROR,
     ErrorCode.NOT_AN_IMAGE: Status.DECODE_ERROR,
     ErrorCode.TRUNCATED: Status.DECODE_ERROR,

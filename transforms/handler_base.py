@@ -126,6 +126,8 @@ class TorchHandlerBase(
         self.labeling = labeling
         self._spec = labeling.model_spec
         self._top_k = labeling.top_k
+        self._threshold = labeling.threshold
+        self._embeddings = labeling.embeddings
         self._device = labeling.device
         self._precision = labeling.precision
         self._torch_threads = labeling.torch_threads
@@ -235,15 +237,26 @@ class TorchHandlerBase(
         """
         return self.postprocess(model(batch))
 
-    def postprocess(self, logits: np.ndarray) -> list[Prediction]:
-        """Score function and top-k labels of a batch's logits, best first."""
+    def postprocess(self, output: np.ndarray | tuple[np.ndarray, np.ndarray]) -> list[Prediction]:
+        """Score function and labels of a batch's logits, best first: the top k,
+        or with a threshold the labels scoring at least it. The output is the
+        logits, or (logits, embeddings) with `embeddings`."""
+        logits, embeddings = output if isinstance(output, tuple) else (output, None)
         return top_k_predictions(
-            apply_function(logits, self._function), self._id2label, self._top_k
+            apply_function(logits, self._function),
+            self._id2label,
+            self._top_k,
+            threshold=self._threshold,
+            embeddings=embeddings,
         )
 
     @staticmethod
-    def forward(batch: Sequence[np.ndarray], model: Any) -> np.ndarray:
-        """The hot path: one batch in, float32 logits (batch, labels) out."""
+    def forward(
+        batch: Sequence[np.ndarray], model: Any
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The hot path: one batch in, float32 logits (batch, labels) out, with
+        the L2-normalized float32 embeddings (batch, dim) when the model has
+        `embeddings` set."""
         raise NotImplementedError
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,67 @@ def example_input(config: Any, device: str) -> Any:
     return torch.rand(1, channels, side, side, generator=generator).to(device)
 
 
+#: Attribute names of the classification head, tried in order.
+_HEAD_NAMES = ("classifier", "head", "fc", "cls_classifier")
+
+
+def classifier_head_name(model: Any) -> str:
+    """The qualified name of the module that turns features into logits.
+
+    timm models (the default model, `TimmWrapperForImageClassification`) name it
+    through `get_classifier()`; transformers' classifiers call it `classifier`
+    (ViT, ConvNeXt, MobileNet, ResNet, Swin, ...) or `head`/`fc`. Failing those,
+    the last `nn.Linear` with one output per label.
+
+    Raises:
+        ValueError: when the model has no recognizable head.
+    """
+    import torch
+
+    names = {id(module): name for name, module in model.named_modules()}
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None and hasattr(timm_model, "get_classifier"):
+        head = timm_model.get_classifier()
+        if id(head) in names and not isinstance(head, torch.nn.Identity):
+            return names[id(head)]
+    for attr in _HEAD_NAMES:
+        head = getattr(model, attr, None)
+        if isinstance(head, torch.nn.Module) and not isinstance(head, torch.nn.Identity):
+            return attr
+    num_labels = int(getattr(model.config, "num_labels", 0) or 0)
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_labels
+    ]
+    if not linears:
+        raise ValueError(
+            f"--embeddings: cannot find the classification head of {type(model).__name__}"
+        )
+    return linears[-1]
+
+
+class HeadInputs:
+    """Keeps the input of the classification head of the calling thread's last
+    forward pass (a forward pre-hook): the features the head turns into logits,
+    flattened to (batch, dim). Per thread, since in-process runners call one
+    loaded model from several threads at once."""
+
+    def __init__(self, model: Any, head_name: str) -> None:
+        self._local = threading.local()
+        self._handle = model.get_submodule(head_name).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: Any, args: tuple[Any, ...]) -> None:
+        self._local.features = args[0]
+
+    def take(self) -> Any:
+        features = getattr(self._local, "features", None)
+        self._local.features = None
+        if features is None:
+            raise RuntimeError("the classification head did not run")
+        return features.flatten(1)
+
+
 @dataclass
 class LoadedClassifier:
     """A loaded model plus what postprocessing needs from its config."""
@@ -79,9 +141,11 @@ class LoadedClassifier:
     #: pixel_values -> logits: the model, or its compiled twin once ready.
     logits: CompiledForward
     memory_format: Any = None  # torch.channels_last for convolutional models
+    #: With `--embeddings`: the logits function returns (logits, head inputs).
+    embeddings: bool = False
 
-    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray:
-        """A batch's logits, computed where the model lives."""
+    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """A batch's logits (and embeddings), computed where the model lives."""
         return ImageClassificationModelHandler.forward(batch, self)
 
 
@@ -125,23 +189,49 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
+        head_name = classifier_head_name(model) if self._embeddings else ""
         model = self._optimize(model, device)
+        if not self._embeddings:
+            return LoadedClassifier(
+                model=model,
+                device=device,
+                dtype=dtype,
+                memory_format=memory_format,
+                logits=self._forward_fn(lambda x: model(pixel_values=x).logits),
+            )
+        # The head is looked up again after `_optimize`, which may swap modules.
+        head_inputs = HeadInputs(model, head_name)
+
+        def logits_and_features(x: Any) -> Any:
+            return model(pixel_values=x).logits, head_inputs.take()
+
         return LoadedClassifier(
             model=model,
             device=device,
             dtype=dtype,
             memory_format=memory_format,
-            logits=self._forward_fn(lambda x: model(pixel_values=x).logits),
+            logits=self._forward_fn(logits_and_features),
+            embeddings=True,
         )
 
     @staticmethod
-    def forward(batch: Sequence[np.ndarray], model: LoadedClassifier) -> np.ndarray:
-        """The hot path: stack, one forward pass, float32 logits back on the host."""
+    def forward(
+        batch: Sequence[np.ndarray], model: LoadedClassifier
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The hot path: stack, one forward pass, float32 logits back on the host
+        (with the L2-normalized head inputs when `model.embeddings`)."""
         import torch
 
         with torch.inference_mode():
             pixel_values = batch_to_device(batch, model.device, model.dtype)
             if model.memory_format is not None:
                 pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
-            logits = model.logits(pixel_values)
-        return np.asarray(logits.float().cpu().numpy())
+            output = model.logits(pixel_values)
+            if not model.embeddings:
+                return np.asarray(output.float().cpu().numpy())
+            logits, features = output
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return (
+            np.asarray(logits.float().cpu().numpy()),
+            np.asarray(features.cpu().numpy(), dtype=np.float32),
+        )

@@ -55,21 +55,35 @@ def apply_function(logits: np.ndarray, function: ClassificationFunction) -> np.n
 
 
 def top_k_predictions(
-    scores: np.ndarray, id2label: Mapping[int, str], top_k: int
+    scores: np.ndarray,
+    id2label: Mapping[int, str],
+    top_k: int,
+    threshold: float | None = None,
+    embeddings: np.ndarray | None = None,
 ) -> list[Prediction]:
     """Top-k labels per row, best first; ties keep label order (a stable sort).
 
     `top_k` is capped at the number of labels; 0 or less means all labels.
+    With `threshold`, only labels scoring at least it are kept (multi-label
+    tagging), still at most `top_k`; the top-1 `label`/`score` are set anyway.
+    `embeddings` (one row per image) are attached to the predictions.
     """
     num_labels = scores.shape[-1]
     k = num_labels if top_k <= 0 else min(top_k, num_labels)
-    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    order = np.argsort(-scores, axis=-1, kind="stable")
     results = []
-    for row, idx in zip(scores, order, strict=True):
+    for n, (row, idx) in enumerate(zip(scores, order, strict=True)):
+        best = int(idx[0])
+        kept = idx[:k]
+        if threshold is not None:
+            kept = kept[row[kept] >= threshold]
         results.append(
             Prediction(
-                labels=[id2label[int(i)] for i in idx],
-                scores=[float(s) for s in row[idx]],
+                labels=[id2label[int(i)] for i in kept],
+                scores=[float(s) for s in row[kept]],
+                label=id2label[best],
+                score=float(row[best]),
+                embedding=None if embeddings is None else embeddings[n],
             )
         )
     return results

@@ -13,6 +13,9 @@ from transforms.errors import RowError, Status
 #: Columns the labeler adds to every output row, in order.
 LABEL_COLUMNS: tuple[str, ...] = ("label", "score", "labels", "scores", "status", "error")
 
+#: The `--embeddings` column, after the label columns.
+EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
+
 LABEL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("label", pa.string()),
     pa.field("score", pa.float32()),
@@ -52,10 +55,26 @@ class ImageRow:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k labels and scores of one image, best first."""
+    """The labels of one image.
+
+    Attributes:
+        labels, scores: the kept labels, best first: the top k, or with a
+            threshold every label scoring at least it (up to k); may be empty.
+        label, score: the top-1 label and score, kept even when the threshold
+            leaves `labels` empty (default: the first of `labels`).
+        embedding: the image's L2-normalized embedding (float32), when asked for.
+    """
 
     labels: list[str]
     scores: list[float]
+    label: str | None = None
+    score: float | None = None
+    embedding: Any = None
+
+    def __post_init__(self) -> None:
+        if self.label is None and self.labels:
+            object.__setattr__(self, "label", self.labels[0])
+            object.__setattr__(self, "score", self.scores[0])
 
 
 SOURCE_FIELDS: tuple[pa.Field, ...] = (
@@ -73,14 +92,20 @@ class RecordFormat:
         prefix: prepended to every added column (``pred_`` gives ``pred_label``),
             so input columns of the same names are kept as they are.
         source: add `source_file` and `source_row` (the job always does).
+        embeddings: add the `embedding` column (`--embeddings`).
     """
 
     prefix: str = ""
     source: bool = False
+    embeddings: bool = False
 
     @property
     def fields(self) -> tuple[pa.Field, ...]:
-        added = (SOURCE_FIELDS if self.source else ()) + LABEL_FIELDS
+        added = (
+            (SOURCE_FIELDS if self.source else ())
+            + LABEL_FIELDS
+            + ((EMBEDDING_FIELD,) if self.embeddings else ())
+        )
         return tuple(f.with_name(self.prefix + f.name) for f in added)
 
     @property
@@ -125,17 +150,17 @@ class RecordFormat:
 
     def ok(self, row: ImageRow, prediction: Prediction) -> dict[str, Any]:
         """The output record of a labeled row."""
-        return self._record(
-            row,
-            {
-                "label": prediction.labels[0] if prediction.labels else None,
-                "score": prediction.scores[0] if prediction.scores else None,
-                "labels": list(prediction.labels),
-                "scores": list(prediction.scores),
-                "status": Status.OK.value,
-                "error": None,
-            },
-        )
+        labels = {
+            "label": prediction.label,
+            "score": prediction.score,
+            "labels": list(prediction.labels),
+            "scores": list(prediction.scores),
+            "status": Status.OK.value,
+            "error": None,
+        }
+        if self.embeddings:
+            labels["embedding"] = prediction.embedding
+        return self._record(row, labels)
 
     def error(self, row: ImageRow, error: RowError) -> dict[str, Any]:
         """The output record of a row that failed: same columns, no labels."""
@@ -148,5 +173,6 @@ class RecordFormat:
                 "scores": None,
                 "status": error.status.value,
                 "error": str(error),
+                **({"embedding": None} if self.embeddings else {}),
             },
         )

@@ -1,4 +1,5 @@
-"""Reading image manifests (txt, CSV, JSONL) and Parquet into `ImageRow`s.
+"""Reading image manifests (txt, CSV, JSONL), Parquet and WebDataset tar shards
+into `ImageRow`s.
 
 The input is planned once, when the job is built (`plan_input`): files are
 matched, the format and the URI column are decided and the passthrough schema is
@@ -27,12 +28,13 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from transforms import webdataset
 from transforms.errors import ErrorCode, RowError, redact_uri
 from transforms.rows import ImageRow
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("text", "csv", "jsonl", "parquet")
+FORMATS = ("text", "csv", "jsonl", "parquet", "webdataset")
 #: URI columns tried, in order, when `--uri-column` is not given and `uri` is absent.
 URI_COLUMN_CANDIDATES = ("uri", "image_url", "url", "path", "image_path")
 TEXT_URI_COLUMN = "uri"
@@ -48,6 +50,8 @@ _EXTENSIONS = {
     ".json": "jsonl",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".tar": "webdataset",
+    ".tgz": "webdataset",
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Schema inference for CSV/JSONL looks at this much of the first file.
@@ -71,9 +75,10 @@ class InputPlan:
     uri_column: str | None
     schema: pa.Schema  # columns read, in input order
     delimiter: str = ","
-    image_column: str | None = None  # Parquet with the images inside
+    image_column: str | None = None  # Parquet with the images inside, or tar shards
     keep_image_column: bool = False
     encoding: str = "utf-8"  # text, CSV and JSONL manifests
+    max_member_bytes: int = 50 << 20  # WebDataset members past this are too_large rows
 
     @property
     def image_path_column(self) -> str | None:
@@ -124,7 +129,26 @@ def with_protocol(original: str, found: str) -> str:
 
 
 def match_files(pattern: str) -> list[str]:
-    """Expand a path, glob or directory URI into a sorted list of files."""
+    """Expand a path, glob, directory URI or WebDataset brace pattern
+    (``shards/{000000..000099}.tar``) into a list of files.
+
+    Globs and directories are sorted; a brace pattern keeps its own order. Local
+    files named by a brace pattern must exist; remote ones are not listed one by
+    one (a missing shard becomes a `not_found` row).
+    """
+    if webdataset.is_shard_pattern(pattern):
+        expanded = webdataset.expand_braces(pattern)
+        found: list[str] = []
+        for path in expanded:
+            if _protocol(path) == "file" and not any(ch in path for ch in "*?["):
+                if not fsspec.filesystem("file").isfile(path):
+                    raise InputError(f"--input {pattern}: {path} does not exist")
+                found.append(path)
+            elif any(ch in path for ch in "*?["):
+                found.extend(match_files(path))
+            else:
+                found.append(path)
+        return found
     fs, _, _ = fsspec.get_fs_token_paths(pattern)
     if _protocol(pattern) in ("http", "https"):
         return [pattern]
@@ -350,6 +374,7 @@ def plan_input(
     keep_image_column: bool = False,
     input_format: str = "auto",
     encoding: str = "utf-8",
+    max_member_bytes: int = 50 << 20,
 ) -> InputPlan:
     """Match the input and fix its format, image source and passthrough schema.
 
@@ -362,6 +387,7 @@ def plan_input(
             is looked for first, then a URI column.
         keep_image_column: copy the image bytes to the output too.
         input_format: one of `FORMATS`, or "auto" to go by the file extension.
+        max_member_bytes: WebDataset members larger than this are `too_large` rows.
 
     Raises:
         InputError: when the input cannot be used; the message says why.
@@ -374,6 +400,22 @@ def plan_input(
     if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
     delimiter = "\t" if _strip_compression(files[0]).lower().endswith(".tsv") else ","
+    if fmt == "webdataset":
+        if uri_column or image_column:
+            flag = "--uri-column" if uri_column else "--image-column"
+            raise InputError(
+                f"{flag} does not apply to WebDataset shards: each sample's image member "
+                f"({', '.join(webdataset.IMAGE_SUFFIXES)}) is labeled"
+            )
+        return InputPlan(
+            tuple(files),
+            fmt,
+            None,
+            webdataset.SCHEMA,
+            image_column=webdataset.IMAGE_COLUMN,
+            keep_image_column=keep_image_column,
+            max_member_bytes=max_member_bytes,
+        )
     if fmt == "parquet":
         schema = unify_parquet_schemas(files)
     else:
@@ -479,12 +521,13 @@ class _ReadRows(beam.DoFn):
             "csv": self._csv,
             "jsonl": self._jsonl,
             "parquet": self._parquet,
+            "webdataset": self._webdataset,
         }[self._plan.format]
         image_column = self._plan.image_column
         source_file = redact_uri(path)
         # Parquet readers yield 0-based row offsets; manifests count their rows.
         for position, (row_no, values, error) in enumerate(reader(path, row_group)):
-            source_row = row_no if self._plan.format == "parquet" else position
+            source_row = row_no if self._plan.format in ("parquet", "webdataset") else position
             image = None
             raw = _to_text(values.get(self._plan.uri_column)) if self._plan.uri_column else None
             if image_column:
@@ -609,6 +652,11 @@ class _ReadRows(beam.DoFn):
                 shown = ", ".join(repr(k[:40]) for k in unknown[:5])
                 problem = f"unknown key(s) {shown} (the columns are {schema.names[:20]})"
             yield line_no, values, _malformed(path, line_no, problem) if problem else None
+
+    def _webdataset(
+        self, path: str, _: int
+    ) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        return webdataset.read_shard(path, self._plan.max_member_bytes)
 
     def _parquet(
         self, path: str, row_group: int
@@ -796,6 +844,18 @@ def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
         if plan.format == "parquet":
             with fsspec.open(path, "rb") as f:
                 total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        if plan.format == "webdataset":
+            count = (
+                webdataset.count_samples(path)
+                if _protocol(path) == "file"
+                and detect_format(path) == "webdataset"
+                and not path.lower().endswith((".gz", ".tgz", ".bz2", ".xz"))
+                else None
+            )
+            if count is None:
+                return None
+            total += count
             continue
         fs, local = fsspec.core.url_to_fs(path)
         if _protocol(path) != "file" or fs.size(local) > max_bytes:

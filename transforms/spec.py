@@ -49,6 +49,7 @@ from transforms.options import (
     parse_fields,
     positive_float,
     positive_int,
+    rate,
     str_list,
     text,
 )
@@ -117,6 +118,21 @@ class LabelingSpec:
     )
     top_k: int = option(
         5, non_negative_int, "labels kept per image, capped at the label count; 0 = all", "K"
+    )
+    threshold: float | None = option(
+        None,
+        rate,
+        "multi-label tagging: labels/scores keep every label scoring at least T (after "
+        "--function-to-apply), up to --top-k (0 = no cap), possibly none; label/score stay "
+        "the top-1",
+        "T",
+    )
+    embeddings: bool = option(
+        False,
+        boolean,
+        "add an L2-normalized 'embedding' column from the same forward pass: the image "
+        "embedding of CLIP/SigLIP, the features a classifier's head reads",
+        switch=True,
     )
     function_to_apply: str = option(
         "default",
@@ -267,6 +283,8 @@ class LabelingSpec:
             "quantize": self.quantize,
             "decode": "fast" if self.fast_decode else "exact",
             "batch_size": self.batching.max_batch_size,
+            "threshold": self.threshold,
+            "embeddings": self.embeddings,
         }
 
 
@@ -518,6 +536,14 @@ def metadata(spec: LabelingSpec) -> dict[str, str]:
         "image_labeler.top_k": str(spec.top_k),
         "image_labeler.decode": "fast" if spec.fast_decode else "exact",
     }
+    if spec.threshold is not None:
+        meta["image_labeler.threshold"] = repr(spec.threshold)
+    if spec.embeddings:
+        meta["image_labeler.embedding"] = (
+            "image embedding (get_image_features), L2-normalized"
+            if spec.task == ZERO_SHOT
+            else "input of the classification head, L2-normalized"
+        )
     if spec.task == ZERO_SHOT:
         label_set = spec.label_set
         meta.update(

@@ -69,9 +69,11 @@ class LoadedZeroShot:
     logit_bias: float
     #: pixel_values -> image embeddings: the image tower, or its compiled twin once ready.
     image_features: CompiledForward
+    #: Also return the normalized image embeddings (`--embeddings`).
+    embeddings: bool = False
 
-    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray:
-        """A batch's logits over the labels, computed where the model lives."""
+    def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """A batch's logits over the labels (and embeddings), computed where the model lives."""
         return ZeroShotModelHandler.forward(batch, self)
 
 
@@ -178,11 +180,15 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
             image_features=self._forward_fn(
                 lambda x: _features(model.get_image_features(pixel_values=x))
             ),
+            embeddings=self._embeddings,
         )
 
     @staticmethod
-    def forward(batch: Sequence[np.ndarray], model: LoadedZeroShot) -> np.ndarray:
-        """The hot path: image tower, normalize, one product with the label bank."""
+    def forward(
+        batch: Sequence[np.ndarray], model: LoadedZeroShot
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The hot path: image tower, normalize, one product with the label bank
+        (and the normalized image embeddings when `model.embeddings`)."""
         import torch
 
         with torch.inference_mode():
@@ -190,6 +196,8 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
             embeds = model.image_features(pixel_values).float()
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias
+        if model.embeddings:
+            return np.asarray(logits.cpu().numpy()), np.asarray(embeds.cpu().numpy())
         return np.asarray(logits.cpu().numpy())
 
 
