@@ -250,6 +250,7 @@ def test_configuration_errors_exit_2_and_leave_output_alone(
 @pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare -n as root"
 )
+@pytest.mark.slow  # a subprocess in a fresh network namespace: ~5 s
 def test_gs_input_without_credentials_fails_fast(tmp_path: Path) -> None:
     """In a network namespace with only loopback and no credentials anywhere, a gs://
     input is refused at startup in seconds (gcsfs alone retried for over a minute)."""

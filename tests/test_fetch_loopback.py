@@ -171,6 +171,7 @@ class _Stall(BaseHTTPRequestHandler):
         self.release.wait(30)
 
 
+@pytest.mark.slow  # waits out real deadlines
 def test_gs_fetch_honours_the_deadline_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     """gcsfs retries on its own for over a minute; --fetch-timeout bounds each attempt."""
     import gcsfs

@@ -96,3 +96,32 @@ def test_missing_gcs_manifest_is_a_clear_error(
     )
     assert code == EXIT_BAD_CONFIG
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_webdataset_shards_on_gcs(gcs_emulator: str, tiny_vit: Path, photo_dir: Path) -> None:
+    """Brace-pattern shards on gs://, streamed; a missing shard is a not_found row."""
+    import tarfile
+
+    root = f"gs://{gcs_emulator}/{uuid.uuid4().hex[:8]}"
+    for shard, names in enumerate((("chelsea.jpg", "coffee.png"), ("rocket.jpg",))):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i, name in enumerate(names):
+                data = (photo_dir / name).read_bytes()
+                info = tarfile.TarInfo(f"{shard}{i:03d}.{name.rsplit('.', 1)[1]}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        _put(f"{root}/shards/{shard:06d}.tar", buffer.getvalue())
+    out = f"{root}/out"
+    args = ["--input", f"{root}/shards/{{000000..000002}}.tar", "--output", out]
+    args += ["--model", str(tiny_vit), "--progress", "false"]
+    assert run(args, save_main_session=False) == EXIT_OK
+    rows = _read_output(out)
+    assert sorted((r["__key__"] or "", r["status"]) for r in rows) == [
+        ("", "fetch_error"),
+        ("0000", "ok"),
+        ("0001", "ok"),
+        ("1000", "ok"),
+    ]
+    missing = next(r for r in rows if r["__key__"] is None)
+    assert missing["error"].startswith("not_found:") and missing["__url__"].endswith("000002.tar")

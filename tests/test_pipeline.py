@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,9 @@ def test_a_failing_batch_is_retried_image_by_image(images: dict[str, str]) -> No
 
 
 def test_batches_that_escape_the_handler_become_error_rows(images: dict[str, str]) -> None:
-    """RunInference's dead-letter output: a raising handler still yields one row per input."""
-    uris: list[str | None] = [images["white"], images["red"], images["black"]]
+    """A handler that raises for a whole batch: the batch is retried image by image
+    around it, so only the image that breaks the model fails; one row per input."""
+    uris: list[str | None] = [images["white"], images["red"], images["black"], None]
     with BeamTestPipeline() as p:
         records = (
             p
@@ -157,9 +159,52 @@ def test_batches_that_escape_the_handler_become_error_rows(images: dict[str, str
             )
         )
         assert_that(
-            records | beam.Map(lambda r: (r["status"], (r["error"] or "").split(":")[0])),
-            equal_to([("inference_error", ErrorCode.INFERENCE_FAILED.value)] * 3),
+            records | beam.Map(lambda r: (r["n"], r["status"], (r["error"] or "").split(":")[0])),
+            equal_to(
+                [
+                    (0, "ok", ""),
+                    (1, "inference_error", ErrorCode.INFERENCE_FAILED.value),
+                    (2, "ok", ""),
+                    (3, "invalid_input", ErrorCode.EMPTY_URI.value),
+                ]
+            ),
         )
+
+
+#: When each image was preprocessed and each record came out (one process: FnApiRunner).
+_TIMES: dict[str, list[float]] = {"preprocessed": [], "recorded": []}
+
+
+class SlowPreprocessor(FakePreprocessor):
+    def __call__(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        time.sleep(0.05)
+        _TIMES["preprocessed"].append(time.monotonic())
+        return super().__call__(images)
+
+
+def _recorded(record: dict[str, Any]) -> dict[str, Any]:
+    _TIMES["recorded"].append(time.monotonic())
+    return record
+
+
+def test_records_stream_out_while_the_bundle_is_still_decoding(
+    images: dict[str, str],
+) -> None:
+    """No Flatten in the labeling graph: Beam's local runner would hold every record
+    of the bundle behind it (memory, and no row committed before the end)."""
+    _TIMES["preprocessed"].clear()
+    _TIMES["recorded"].clear()
+    uris: list[str | None] = [images["white"], images["black"]] * 20 + [images["broken"]]
+    with BeamTestPipeline() as p:
+        _ = (
+            p
+            | beam.Create(_rows(uris))
+            | beam.Reshuffle()
+            | LabelImageRows(FakeHandler(), SlowPreprocessor())
+            | beam.Map(_recorded)
+        )
+    assert len(_TIMES["recorded"]) == len(uris)
+    assert min(_TIMES["recorded"]) < max(_TIMES["preprocessed"]) - 0.5
 
 
 def test_rows_invalid_at_read_time_skip_fetch() -> None:
