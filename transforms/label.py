@@ -39,7 +39,6 @@ from transforms.rows import ImageRow, Prediction, RecordFormat
 logger = logging.getLogger(__name__)
 
 
-
 def load_pixel_values(
     row: ImageRow,
     *,
