@@ -194,7 +194,8 @@ def test_records_stream_out_while_the_bundle_is_still_decoding(
     of the bundle behind it (memory, and no row committed before the end)."""
     _TIMES["preprocessed"].clear()
     _TIMES["recorded"].clear()
-    uris: list[str | None] = [images["white"], images["black"]] * 20 + [images["broken"]]
+    pair: list[str | None] = [images["white"], images["black"]]
+    uris = pair * 20 + [images["broken"]]
     with BeamTestPipeline() as p:
         _ = (
             p
