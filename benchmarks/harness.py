@@ -383,9 +383,12 @@ def profile_ours(model_dir: str, manifest: str) -> dict[str, float]:
 
 #: Stages of a sampled stack, by the first matching frame (innermost first).
 _STAGES = (
+    (
+        "preprocess (resize, normalize)",
+        ("preprocess", "image_processing", "image_transforms", "torchvision/transforms"),
+    ),
     ("forward pass (torch)", ("torch/nn/modules", "torch/_ops", "forward (transformers")),
     ("decode (Pillow)", ("ImageFile.py", "decode_image", "Image.py:convert", "JpegImagePlugin")),
-    ("preprocess (resize, normalize)", ("preprocess", "image_processing", "image_transforms")),
     ("Parquet write", ("pyarrow", "output.py")),
     ("fetch (file read)", ("fetch.py",)),
     (

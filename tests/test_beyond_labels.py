@@ -366,14 +366,13 @@ def test_bad_samples_and_shards_become_rows(
     data = (root / "b.tar").read_bytes()
     (root / "b.tar").write_bytes(data[: 512 + len(good) + 512 + 100])
     out = tmp_path / "out"
-    assert (
-        run_job(["--input", str(root / "*.tar"), "--output", str(out), "--model", str(tiny_vit)])
-        == 0
-    )
+    args = ["--input", str(root / "*.tar"), "--output", str(out), "--model", str(tiny_vit)]
+    assert run_job([*args, "--keep-image-column"]) == 0
     rows = read_output(out).to_pylist()
     by = {(Path(r["__url__"]).name, r["__key__"]): r for r in rows}
     assert len(rows) == 6
     assert by[("a.tar", "s1")]["status"] == "ok"
+    assert by[("a.tar", "s1")]["image"] == good  # --keep-image-column keeps the member
     assert by[("a.tar", "s2")]["error"].startswith("no_image:")
     assert by[("a.tar", "s3")]["status"] == "decode_error"
     assert by[("a.tar", "s4")]["status"] == "ok" and by[("a.tar", "s4")]["json"] == "{}"
