@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
-import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import describe_machine, table  # noqa: E402
+from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from transforms.default_model import cache_root  # noqa: E402
 
@@ -58,17 +54,8 @@ def run_job(source: str, embeddings: bool) -> tuple[float, int, int]:
     """One job in a fresh process: (images/s from process start, ok rows, output bytes)."""
     import pyarrow.parquet as pq
 
-    out = Path(tempfile.mkdtemp(prefix="bench-beyond-")) / "out"
-    cmd = [sys.executable, "-m", "pipelines.label_images", "--input", source]
-    cmd += ["--output", str(out), "--progress", "false", "--report", "false"]
-    if embeddings:
-        cmd.append("--embeddings")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"the job failed:\n{proc.stderr[-3000:]}")
+    args = ["--input", source, "--report", "false"] + (["--embeddings"] if embeddings else [])
+    wall, out = run_cli_job(args, prefix="bench-beyond-")
     files = sorted(out.glob("part-*.parquet"))
     statuses = pq.ParquetDataset([str(f) for f in files]).read(columns=["status"])
     ok = statuses.column("status").to_pylist().count("ok")

@@ -89,3 +89,26 @@ def fmt(value: float) -> str:
 def table(rows: list[tuple[str, Any]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def run_cli_job(args: list[str], prefix: str = "bench-") -> tuple[float, Path]:
+    """`python -m pipelines.label_images ARGS --output <fresh dir>` in a fresh process, as a
+    user runs it: (wall seconds from process start, output directory).
+
+    Raises:
+        RuntimeError: the job failed (with the end of its stderr).
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = Path(tempfile.mkdtemp(prefix=prefix)) / "out"
+    cmd = [sys.executable, "-m", "pipelines.label_images", *args, "--output", str(out)]
+    cmd += ["--progress", "false"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the job failed:\n{proc.stderr[-3000:]}")
+    return wall, out

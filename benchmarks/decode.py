@@ -16,19 +16,15 @@ Then compares labels:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import describe_machine, table  # noqa: E402
+from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from transforms.default_model import cache_root, default_model_dir  # noqa: E402
 
@@ -39,17 +35,8 @@ def run_job(manifest: Path, fast: bool) -> tuple[float, Labels]:
     """The default job in a fresh process; (images/s from process start, labels by URI)."""
     import pyarrow.parquet as pq
 
-    out = Path(tempfile.mkdtemp(prefix="bench-decode-")) / "out"
-    cmd = [sys.executable, "-m", "pipelines.label_images", "--input", str(manifest)]
-    cmd += ["--output", str(out), "--progress", "false"]
-    if fast:
-        cmd.append("--fast-decode")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"the job failed:\n{proc.stderr[-3000:]}")
+    args = ["--input", str(manifest)] + (["--fast-decode"] if fast else [])
+    wall, out = run_cli_job(args, prefix="bench-decode-")
     files = sorted(str(p) for p in out.glob("part-*.parquet"))
     rows = pq.ParquetDataset(files).read(columns=["uri", "labels", "scores"]).to_pylist()
     labels = {r["uri"]: (r["labels"], r["scores"]) for r in rows if r["labels"]}
