@@ -94,7 +94,8 @@ class JobConfig:
     input: str = option(
         None,
         text,
-        "manifest (txt/CSV/JSONL) or Parquet: file, glob or URI",
+        "manifest (txt/CSV/JSONL), Parquet or WebDataset .tar shards: file, glob, "
+        "brace pattern ({000000..000099}) or URI",
         metavar="INPUT",
         path=True,
     )
@@ -236,6 +237,10 @@ examples:
   # continue a run that was killed, then rebuild its report
   label-images --input photos.txt --output out/ --resume
   label-images report out/
+
+  # WebDataset shards, with embeddings and multi-label tags (SigLIP)
+  label-images --input 'gs://b/shards/{000000..000099}.tar' --model ./siglip \\
+      --candidate-labels-file tags.txt --threshold 0.3 --top-k 0 --embeddings --output out/
 
   # label only what a previous output did not label
   label-images --input photos.txt --skip-existing out/ --output out-2/
