@@ -219,7 +219,7 @@ class FetchDecodePreprocess(beam.DoFn):
             failure = e
         except Exception as e:  # a bug must still give a row, not kill the bundle
             failure = RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
-        count_error(failure)
+        # Counted once, in `_to_record`, where every row's final result arrives.
         return element.with_value((row, failure))
 
     def _drain(self, max_in_flight: int) -> Iterator[Any]:
