@@ -261,7 +261,6 @@ class WriteParts(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._rows: list[dict[str, Any]] = []
-        self._since = time.monotonic()
 
     def _due(self) -> bool:
         interval = min(self._interval, FIRST_COMMIT_S * COMMIT_GROWTH**self._commits)

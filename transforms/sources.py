@@ -846,13 +846,8 @@ def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
                 total += pq.ParquetFile(f).metadata.num_rows
             continue
         if plan.format == "webdataset":
-            count = (
-                webdataset.count_samples(path)
-                if _protocol(path) == "file"
-                and detect_format(path) == "webdataset"
-                and not path.lower().endswith((".gz", ".tgz", ".bz2", ".xz"))
-                else None
-            )
+            # Uncompressed local shards only: count_samples gives None for the others.
+            count = webdataset.count_samples(path) if _protocol(path) == "file" else None
             if count is None:
                 return None
             total += count
