@@ -16,14 +16,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import describe_machine, table  # noqa: E402
+from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from transforms.default_model import cache_root  # noqa: E402
 
@@ -64,32 +62,9 @@ def forward_rate(mode: str) -> float:
 
 
 def job_rate(manifest: Path, tune: bool, images: int) -> float:
-    out = Path(tempfile.mkdtemp(prefix="bench-malloc-")) / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.label_images",
-        "--input",
-        str(manifest),
-        "--output",
-        str(out),
-        "--progress",
-        "false",
-        "--report",
-        "false",
-        "--tune-malloc",
-        str(tune),
-    ]
-    start = time.perf_counter()
-    subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    return images / (time.perf_counter() - start)
+    args = ["--input", str(manifest), "--report", "false", "--tune-malloc", str(tune)]
+    wall, _ = run_cli_job(args, prefix="bench-malloc-")
+    return images / wall
 
 
 def main(argv: list[str] | None = None) -> None:
