@@ -30,7 +30,7 @@ def run_once() -> list[str]:
     out = os.path.join(output_root, ds)
     shards = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
     assert shards, f"no Parquet shards in {out}"
-    with open(os.path.join(out, "summary.json")) as f:
+    with open(os.path.join(out, label_images_dag.SUMMARY_FILE)) as f:
         summary = json.load(f)
     assert summary["rows_out"] == summary["rows_in"] > 0, summary
     assert summary["rows_by_status"]["ok"] > 0, summary
@@ -41,10 +41,13 @@ def run_once() -> list[str]:
     ][0]
     assert xcom and xcom["rows_out"] == summary["rows_out"], xcom
     names = sorted(os.listdir(out))
-    # Exactly the files of this run: its committed parts, the summary and the report.
+    # Exactly the files of this run: its committed parts, then the summary and the
+    # report in the folder every reader skips.
     parts = [n for n in names if n.endswith(".parquet")]
     assert parts == sorted(summary["output_files"]), (names, summary["output_files"])
-    assert sorted(set(names) - set(parts)) == ["report.html", "summary.json"], names
+    assert sorted(set(names) - set(parts)) == ["__label_images__"], names
+    meta = sorted(os.listdir(os.path.join(out, "__label_images__")))
+    assert meta == ["report.html", "summary.json"], meta
     return names
 
 

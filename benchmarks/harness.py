@@ -51,6 +51,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines.output import SUMMARY_FILE  # noqa: E402
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 MODELS = ("mobilenet_v2", "default", "vit_b16")
 HF_BATCHES = (1, 4, 8, 16, 32)
@@ -59,8 +61,9 @@ FORWARD_BATCHES = (4, 8, 16, 32)
 # The job's own peak RSS is VmHWM (ru_maxrss would carry the parent's across fork).
 _OURS = """
 import sys
+from pipelines.clock import process_started_at
 from pipelines.label_images import run
-code = run(sys.argv[1:], save_main_session=False)
+code = run(sys.argv[1:], save_main_session=False, started_at=process_started_at())
 with open("/proc/self/status") as status:
     peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
 print("BENCH_PEAK_RSS_KB", peak)
@@ -336,7 +339,7 @@ def run_ours(model_dir: str, manifest: str, extra: list[str]) -> dict[str, float
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"our job failed:\n{stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     ok = summary["rows_by_status"]["ok"]
     return {
         "rate": ok / wall,

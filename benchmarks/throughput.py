@@ -46,6 +46,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from benchmarks.common import describe_machine, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
+from pipelines.output import SUMMARY_FILE  # noqa: E402
 from transforms.default_model import cache_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +109,9 @@ def agreement(run: JobRun, reference: JobRun) -> float:
 # this (large) benchmark process, not the job.
 _RUNNER = """
 import resource, sys
+from pipelines.clock import process_started_at
 from pipelines.label_images import run
-code = run(sys.argv[1:], save_main_session=False)
+code = run(sys.argv[1:], save_main_session=False, started_at=process_started_at())
 try:
     with open("/proc/self/status") as status:
         peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
@@ -146,7 +148,7 @@ def run_ours(model: str, manifest: Path, extra: list[str]) -> JobRun:
         for line in proc.stdout.splitlines()
         if line.startswith("BENCH_PEAK_RSS_KB")
     )
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     import pyarrow.parquet as pq
 
     table = pq.ParquetDataset(sorted(str(p) for p in out.glob("part-*.parquet"))).read(

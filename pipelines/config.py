@@ -100,7 +100,12 @@ class JobConfig:
         path=True,
     )
     output: str = option(
-        None, text, "output directory (local or gs://)", metavar="OUTPUT_DIR", path=True
+        None,
+        text,
+        "output directory (local or gs://): part-*.parquet, with summary.json and "
+        "report.html in its __label_images__/",
+        metavar="OUTPUT_DIR",
+        path=True,
     )
     input_format: str = option(
         "auto", choice(("auto", *FORMATS)), "input format; auto goes by extension", "FORMAT"
@@ -166,7 +171,10 @@ class JobConfig:
     )
     progress: bool = option(True, boolean, "show live progress on local runs", "BOOL")
     report: bool = option(
-        True, boolean, "write report.html (charts, thumbnails, failures) into --output", "BOOL"
+        True,
+        boolean,
+        "write __label_images__/report.html (charts, thumbnails, failures) into --output",
+        "BOOL",
     )
     labeling: LabelingSpec = field(default_factory=LabelingSpec)
     config: str | None = None

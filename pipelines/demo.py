@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines import label_images
+from pipelines.clock import process_started_at
 
 # skimage.data photos: real camera images, not generated noise.
 SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "hubble_deep_field")
@@ -46,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_samples(workdir / "samples")
     output = workdir / "output"
     code = label_images.run(
-        ["--input", str(manifest), "--output", str(output), "--overwrite", "--top-k", "3"]
+        ["--input", str(manifest), "--output", str(output), "--overwrite", "--top-k", "3"],
+        started_at=process_started_at(),
     )
     if code != 0:
         return code
-    table = pq.ParquetDataset(sorted(str(p) for p in output.glob("*.parquet"))).read()
+    table = pq.read_table(output)  # the output folder reads as one table
     print(f"\nParquet written to {output}/ ({table.num_rows} rows):")
     for row in sorted(table.to_pylist(), key=lambda r: r["uri"]):
         pairs = zip(row["labels"], row["scores"], strict=True)

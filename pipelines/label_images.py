@@ -1,7 +1,7 @@
 """The `label-images` job: manifest or Parquet in, labeled Parquet out.
 
     ReadManifest ─► LabelImages (FetchAndDecode ─► RunInference) ─► WriteParquet
-                                                          └─► Summarize ─► summary.json
+                                  └─► Summarize ─► __label_images__/summary.json
 
 `build_job` validates the config and builds the graph; `run(argv)` parses flags,
 runs it and returns the exit code. The CLI (`label-images`,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
+from pipelines.clock import process_started_at
 from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.output import (
     OutputError,
@@ -38,6 +38,7 @@ from pipelines.output import (
     prepare_output,
     read_summary,
     shard_prefix,
+    summary_path,
 )
 from pipelines.preflight import check_output_overlap, preflight
 from pipelines.progress import ProgressPrinter, ReportProgress
@@ -50,6 +51,7 @@ from pipelines.resume import (
     SkipCommitted,
     SkipDone,
     check_previous_output,
+    previous_format,
 )
 from pipelines.runner import in_process, is_local, make_runner
 from transforms.allocator import tune_malloc
@@ -57,7 +59,7 @@ from transforms.api import LabelImages
 from transforms.errors import redact, redact_uri
 from transforms.label_set import LabelSetError
 from transforms.models import ModelLoadError
-from transforms.rows import RecordFormat
+from transforms.rows import PREFIX_KEY, RecordFormat
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
 from transforms.spec import LabelingSpec, resolve
 from transforms.spec import metadata as labeling_metadata
@@ -108,7 +110,7 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
     described = labeling_metadata(labeling)
     fmt = RecordFormat(prefix=config.output_prefix, source=True, embeddings=labeling.embeddings)
     if config.output_prefix:
-        described["image_labeler.output_prefix"] = config.output_prefix
+        described[PREFIX_KEY] = config.output_prefix
     # Where the images came from, for the report's thumbnails.
     described["image_labeler.uri_column"] = plan.uri_column or ""
     described["image_labeler.image_column"] = plan.image_column or ""
@@ -137,7 +139,7 @@ def add_to_pipeline(
     resumed_stats = None
     if output.resumed_files:
         committed = pipeline | "ReadCommitted" >> ReadCommitted(
-            output.directory, output.resumed_files, fmt.prefix
+            output.directory, output.resumed_files, fmt
         )
         keys = (
             committed
@@ -146,15 +148,15 @@ def add_to_pipeline(
             | "CommittedSet" >> beam.CombineGlobally(beam.combiners.ToSetCombineFn())
         )
         rows = rows | "SkipCommitted" >> beam.ParDo(
-            SkipCommitted(fmt.prefix), committed=beam.pvalue.AsSingleton(keys)
+            SkipCommitted(), committed=beam.pvalue.AsSingleton(keys)
         )
         resumed_stats = committed | "SummarizeCommitted" >> beam.CombineGlobally(
-            SummarizeRecords(fmt.prefix)
+            SummarizeRecords(fmt)
         )
     skipped_count = None
     if job.skip_existing:
         done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(
-            job.skip_existing, job.plan.uri_column or ""
+            job.skip_existing, job.plan.uri_column or "", previous_format(job.skip_existing)
         )
         split = rows | "SkipExisting" >> beam.ParDo(
             SkipDone(job.plan.uri_column or ""), done=beam.pvalue.AsSingleton(done)
@@ -178,7 +180,7 @@ def add_to_pipeline(
         written = records | "WriteParquet" >> beam.ParDo(
             WriteParts(output.directory, job.schema, output.run_id, job.config.commit_every)
         )
-    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt.prefix))
+    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt))
     if skipped_count is None:
         skipped_count = pipeline | "NoneSkipped" >> beam.Create([0])
     side_inputs: dict[str, Any] = {
@@ -204,7 +206,7 @@ def add_to_pipeline(
         )
     )
     if progress_dir:
-        _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir, fmt.prefix))
+        _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir, fmt))
         if job.skip_existing:
             _ = split[SKIPPED_TAG] | "ReportSkipped" >> beam.ParDo(
                 ReportProgress(progress_dir, kind="skipped")
@@ -237,19 +239,6 @@ def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
     logger.info("Dry run: wrote the translated job to %s", path)
 
 
-def process_started_at() -> float:
-    """When this process started (Linux), else now: rates in summary.json count
-    the start-up (imports, model check and load) too."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
 def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -278,8 +267,19 @@ def run(
     argv: Sequence[str] | None = None,
     save_main_session: bool = True,
     test_pipeline: beam.Pipeline | None = None,
+    started_at: float | None = None,
 ) -> int:
-    """Parse flags, run the job and return its exit code."""
+    """Parse flags, run the job and return its exit code.
+
+    Args:
+        argv: the flags (default: `sys.argv[1:]`).
+        save_main_session: Beam's option of that name.
+        test_pipeline: run on this pipeline instead of building one.
+        started_at: when the job started, for summary.json's timing (default:
+            this call). Entry points pass `process_started_at()`, so a CLI run
+            counts its interpreter's start-up as well.
+    """
+    called_at = time.time()
     _setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -306,9 +306,10 @@ def run(
                 identity={
                     k.decode(): v.decode()
                     for k, v in identity.items()
-                    if k.decode() in (*IDENTITY_KEYS, "image_labeler.output_prefix")
+                    if k.decode() in (*IDENTITY_KEYS, PREFIX_KEY)
                 }
                 | {"input": redact_uri(config.input)},
+                record_format=job.record_format,
             )
     except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
         # One line, no traceback: the message names the flag or value to change.
@@ -318,7 +319,7 @@ def run(
     options.view_as(SetupOptions).save_main_session = save_main_session
     if config.labeling.tune_malloc:
         tune_malloc()  # the launcher is the worker of an in-process run
-    started_at = process_started_at()
+    started_at = called_at if started_at is None else started_at
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
         show_progress = local and config.progress
         if test_pipeline is not None:
@@ -363,6 +364,7 @@ def run(
         print("label-images: the job ran but wrote no summary.json", file=sys.stderr)
         return EXIT_JOB_FAILED
     _print_summary(summary)
+    print(f"Summary: {summary_path(config.output)}", file=sys.stderr)
     if config.report:
         try:
             print(f"Report: {build_report(config.output)}", file=sys.stderr)
@@ -407,7 +409,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["report"]:
         sys.exit(report_main(argv[1:]))
-    sys.exit(run(argv))
+    sys.exit(run(argv, started_at=process_started_at()))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,30 @@
-"""The output directory: committing part files as the run goes, resuming, summary.json.
+"""The output directory: a folder that reads as one table, committed as the run goes.
 
-A run owns an id. Its rows go into `part-<run id>-<n>.parquet` files, each
-written to a temp name and renamed (on object stores, one upload that appears
-whole), every `--commit-every` rows per worker and at the end of each bundle, so
-a run killed at 90% keeps 90%. `.label-images-run.json` marks the run while it
-is going; `--resume` continues that run, labeling only rows no part file holds.
-When every row is written, summary.json is written (atomically), then files
-of earlier runs that `--overwrite` replaces are removed, then the marker: the
-previous complete output stays untouched until the new run commits.
+Layout of a finished output::
+
+    OUT/part-<run id>-<n>.parquet      the rows (the only files a reader sees)
+    OUT/__label_images__/summary.json  counts, timing, the resolved config
+    OUT/__label_images__/report.html   the report (`--report`)
+    OUT/.label-images-run.json         only while a run is going (or interrupted)
+
+Readers skip the folder of our own files by their own rules: Spark, Hadoop,
+pyarrow, pandas and BigQuery's Hive layout skip names that start with `_` or
+`.`, HF `datasets` skips dot files and folders that start with `__`, and
+DuckDB's `OUT/**/*.parquet` matches part files only.
+
+Commit protocol. A run owns an id. Its rows go into part files, each written to
+a hidden temp name and renamed (on object stores, one upload that appears
+whole), every `--commit-every` rows per worker, on time and at the end of each
+bundle, so a run killed at 90% keeps 90%. A part's name reaches the finish only
+through the output of a bundle that succeeded: a runner drops the outputs of a
+failed attempt (Dataflow retries it, possibly on another worker), so the finish
+keeps exactly the parts of successful attempts and removes every other part
+file, including the orphans of failed attempts. `--resume` keeps one part per
+committed row (`dedupe_parts`): a retried bundle's orphans hold rows that its
+retry wrote again. When every row is written, summary.json is written
+(atomically), then files that the run does not own (orphans, an earlier output
+that `--overwrite` replaces) are removed, then the marker: the previous complete
+output stays untouched until the new run commits.
 """
 
 from __future__ import annotations
@@ -18,15 +35,17 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.transforms.window import GlobalWindow
@@ -34,12 +53,19 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.errors import Status
+from transforms.rows import RecordFormat
 
 logger = logging.getLogger(__name__)
 
 SHARD_PREFIX = "part"
 SHARD_SUFFIX = ".parquet"
-SUMMARY_FILE = "summary.json"
+#: The folder of our files that are not rows: every reader's rules skip it (see above).
+META_DIR = "__label_images__"
+SUMMARY_FILE = f"{META_DIR}/summary.json"
+REPORT_FILE = f"{META_DIR}/report.html"
+#: Where summary.json and report.html lay before the output became a dataset:
+#: still read (`label-images report`), and removed by `--overwrite`.
+LEGACY_FILES = ("summary.json", "report.html")
 RUN_MARKER = ".label-images-run.json"
 TOP_LABELS = 20
 #: A worker commits its part file at least this often (seconds), so a slow
@@ -71,31 +97,57 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _ours(name: str) -> bool:
-    """Files and folders this tool writes into an output directory."""
-    temp_of = (f".{SHARD_PREFIX}-", f".{SUMMARY_FILE}.", f"{RUN_MARKER}.", ".report.html.")
+    """Files and folders this tool writes at the top of an output directory."""
+    temp_of = (f".{SHARD_PREFIX}-", f"{RUN_MARKER}.", *(f".{n}." for n in LEGACY_FILES))
     return (
         (name.startswith(SHARD_PREFIX + "-") and name.endswith(SHARD_SUFFIX))
-        or name in (SUMMARY_FILE, RUN_MARKER, "report.html")
+        or name in (META_DIR, RUN_MARKER, *LEGACY_FILES)
         or name.startswith("beam-temp-")
         or (name.startswith(temp_of) and name.endswith(".tmp"))
     )
 
 
+_umask_lock = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask (0644 under 022).
+
+    `mkstemp` creates its files 0600 whatever the umask, which made every file
+    of an output private to the writing user (an Airflow worker or a Spark job
+    under another account could not read the labels).
+    """
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:  # elsewhere: set and restore (other threads use it meanwhile)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
     """Write a file that appears under `path` only when complete.
 
-    Locally: a temp file beside it, fsynced, then renamed over `path`. On object
-    stores (gs://, s3://) an object appears only when its upload completes. A
-    failed write (a full disk) raises and leaves nothing under `path`.
+    Locally: a hidden temp file beside it (with the umask's mode from the
+    start), fsynced, then renamed over `path`. On object stores (gs://, s3://)
+    an object appears only when its upload completes. A failed write (a full
+    disk) raises and leaves nothing under `path`.
     """
     if not _is_local(fs):
         with fs.open(path, "wb") as f:
             write(f)
         return
     directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -106,9 +158,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
         raise
 
 
-def list_ours(directory: str) -> list[str]:
-    """Names of this tool's files and folders in `directory` (none if it is missing)."""
-    fs, path = _fs(directory)
+def _listing(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The names in a folder (none if it is missing), fresh on object stores too."""
     try:
         # Object stores cache listings; this one must see the files just written.
         kwargs = {} if _is_local(fs) else {"refresh": True}
@@ -116,7 +167,13 @@ def list_ours(directory: str) -> list[str]:
     except FileNotFoundError:
         return []
     names = [posixpath.basename(str(e).rstrip("/")) for e in listed]
-    return sorted(n for n in names if n and _ours(n))
+    return [n for n in names if n and n != posixpath.basename(path.rstrip("/"))]
+
+
+def list_ours(directory: str) -> list[str]:
+    """Names of this tool's files and folders in `directory` (none if it is missing)."""
+    fs, path = _fs(directory)
+    return sorted(n for n in _listing(fs, path) if _ours(n))
 
 
 def run_parts(directory: str, run_id: str) -> list[str]:
@@ -150,17 +207,76 @@ def _read_marker(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | N
         return None
 
 
+def _part_keys(
+    fs: fsspec.AbstractFileSystem, path: str, columns: tuple[str, str], ids: dict[Any, int]
+) -> np.ndarray:
+    """The rows of one part file as int64 keys: source file id (`ids`) and source row."""
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=list(columns))
+    files = table.column(0).combine_chunks().dictionary_encode()
+    file_ids = np.array([ids.setdefault(v, len(ids)) for v in files.dictionary.to_pylist()])
+    index = files.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = table.column(1).fill_null(-1).to_numpy().astype(np.int64)
+    if not len(file_ids):  # an empty part
+        return np.empty(0, dtype=np.int64)
+    return (file_ids.astype(np.int64)[index] << 40) + rows
+
+
+def dedupe_parts(
+    directory: str, names: Sequence[str], record_format: RecordFormat
+) -> tuple[list[str], list[str], int]:
+    """Which committed parts of an interrupted run to keep, so each row is kept once.
+
+    A bundle that failed after committing a part, then ran again (Dataflow
+    retries it, maybe on another worker), leaves that part beside the retry's,
+    holding the same rows. Parts whose rows no other part holds are all kept;
+    among the others, larger parts first, a part is kept when none of its rows
+    is in a part already kept. The rows of a dropped part that no kept part
+    holds are labeled again by the resumed run.
+
+    Returns:
+        (kept part names, dropped part names, rows in the kept parts)
+    """
+    fs, root = _fs(directory)
+    columns = (record_format.name("source_file"), record_format.name("source_row"))
+    ids: dict[Any, int] = {}
+    keys = [_part_keys(fs, _join(root, name), columns, ids) for name in names]
+    if not keys:
+        return [], [], 0
+    owner = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(keys)])
+    flat = np.concatenate(keys)
+    order = np.argsort(flat, kind="stable")
+    flat, owner = flat[order], owner[order]
+    repeated = np.zeros(len(flat), dtype=bool)
+    same = flat[1:] == flat[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    overlapping = set(np.unique(owner[repeated]).tolist())
+    kept = [i for i in range(len(names)) if i not in overlapping]
+    taken = np.empty(0, dtype=np.int64)
+    for i in sorted(overlapping, key=lambda i: (-len(keys[i]), names[i])):
+        if not np.isin(keys[i], taken).any():
+            kept.append(i)
+            taken = np.union1d(taken, keys[i])
+    kept.sort()
+    dropped = [names[i] for i in range(len(names)) if i not in set(kept)]
+    return [names[i] for i in kept], dropped, int(sum(len(keys[i]) for i in kept))
+
+
 def prepare_output(
     directory: str,
     *,
     overwrite: bool,
     resume: bool = False,
     identity: Mapping[str, str] | None = None,
+    record_format: RecordFormat | None = None,
 ) -> OutputPlan:
     """Check the output directory and start (or continue) a run in it.
 
-    Nothing is deleted here: with `overwrite`, the previous output stays as it
-    is until this run commits (`WriteSummary` removes it then).
+    Nothing of a finished output is deleted here: with `overwrite`, the
+    previous output stays as it is until this run commits (`WriteSummary`
+    removes it then). A `resume` removes the parts of failed attempts whose
+    rows other parts hold (`dedupe_parts`).
 
     Raises:
         OutputError: a non-empty directory without `overwrite` or `resume`, or a
@@ -180,9 +296,9 @@ def prepare_output(
     marker = _read_marker(fs, path)
     if resume:
         if marker is None:
-            if SUMMARY_FILE in entries:
+            if summary_path(directory) is not None:
                 raise OutputError(
-                    f"--resume: --output {directory} holds a finished run (summary.json); "
+                    f"--resume: --output {directory} holds a finished run ({SUMMARY_FILE}); "
                     "there is nothing to resume (use --overwrite to label again)"
                 )
             if entries:
@@ -200,13 +316,19 @@ def prepare_output(
                     "options, or use --overwrite"
                 )
             run_id = str(marker["run_id"])
-            files = tuple(run_parts(directory, run_id))
-            rows = 0
-            for name in files:
-                with fs.open(_join(path, name), "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-            logger.info("--resume: %d rows already committed in %d files", rows, len(files))
-            return OutputPlan(directory, run_id, files, rows)
+            kept, dropped, rows = dedupe_parts(
+                directory, run_parts(directory, run_id), record_format or RecordFormat(source=True)
+            )
+            for name in dropped:
+                fs.rm(_join(path, name))
+            if dropped:
+                logger.warning(
+                    "--resume: removed %d part files of failed attempts (a retried bundle "
+                    "committed their rows again)",
+                    len(dropped),
+                )
+            logger.info("--resume: %d rows already committed in %d files", rows, len(kept))
+            return OutputPlan(directory, run_id, tuple(kept), rows)
     elif entries and not overwrite:
         shown = ", ".join(sorted(entries)[:5]) + (" ..." if len(entries) > 5 else "")
         hint = (
@@ -295,13 +417,14 @@ class SummarizeRecords(beam.CombineFn):
     """Counts rows by status, errors by code, and labels (top-1) of ok rows.
 
     Args:
-        prefix: the `--output-prefix` of the label columns.
+        fmt: the record format, which names the columns (`--output-prefix`).
     """
 
-    def __init__(self, prefix: str = "") -> None:
-        self._status = prefix + "status"
-        self._label = prefix + "label"
-        self._error = prefix + "error"
+    def __init__(self, fmt: RecordFormat | None = None) -> None:
+        fmt = fmt or RecordFormat()
+        self._status = fmt.name("status")
+        self._label = fmt.name("label")
+        self._error = fmt.name("error")
 
     def create_accumulator(self) -> dict[str, Counter]:
         return {"status": Counter(), "errors": Counter(), "labels": Counter()}
@@ -380,10 +503,17 @@ class WriteSummary(beam.DoFn):
         fs, path = _fs(self._plan.directory)
         text = json.dumps(summary, indent=2, sort_keys=False, default=str).encode("utf-8")
         write_atomic(fs, _join(path, SUMMARY_FILE), lambda f: f.write(text))
-        keep = {*committed, SUMMARY_FILE, RUN_MARKER}
+        # Everything else of ours goes: parts no successful bundle reported
+        # (orphans of failed attempts), an output --overwrite replaces, an older
+        # report (the launcher writes this run's next), temp files.
+        keep = {*committed, META_DIR, RUN_MARKER}
         for name in list_ours(self._plan.directory):
             if name not in keep:
                 fs.rm(_join(path, name), recursive=True)
+        summary_name = posixpath.basename(SUMMARY_FILE)
+        for name in _listing(fs, _join(path, META_DIR)):
+            if name != summary_name:
+                fs.rm(_join(path, f"{META_DIR}/{name}"), recursive=True)
         if fs.exists(_join(path, RUN_MARKER)):
             fs.rm(_join(path, RUN_MARKER))
         yield summary
@@ -450,8 +580,24 @@ def build_summary(
     }
 
 
-def read_summary(directory: str) -> dict[str, Any]:
+def summary_path(directory: str) -> str | None:
+    """The summary.json of a finished output (or of one written before 0.2), else None."""
     fs, path = _fs(directory)
-    with fs.open(_join(path, SUMMARY_FILE), "r") as f:
+    for name in (SUMMARY_FILE, LEGACY_FILES[0]):
+        if fs.exists(_join(path, name)):
+            return _join(directory, name)
+    return None
+
+
+def read_summary(directory: str) -> dict[str, Any]:
+    """The summary of a finished output.
+
+    Raises:
+        FileNotFoundError: the directory holds no finished run.
+    """
+    found = summary_path(directory)
+    if found is None:
+        raise FileNotFoundError(_join(directory, SUMMARY_FILE))
+    with fsspec.open(found, "r") as f:
         data: dict[str, Any] = json.load(f)
     return data

@@ -19,22 +19,29 @@ from typing import Any, TextIO
 
 import apache_beam as beam
 
+from transforms.rows import RecordFormat
+
 
 class ReportProgress(beam.DoFn):
     """Counts records (and failures by error code) into `<progress_dir>/<worker>.count`.
 
     Args:
         progress_dir: the launcher's folder of count files.
-        prefix: the `--output-prefix` of the status and error columns.
+        fmt: the record format, which names the status and error columns.
         kind: "done" for labeled records, "skipped" for rows --skip-existing skips.
     """
 
     def __init__(
-        self, progress_dir: str, prefix: str = "", kind: str = "done", interval_s: float = 0.25
+        self,
+        progress_dir: str,
+        fmt: RecordFormat | None = None,
+        kind: str = "done",
+        interval_s: float = 0.25,
     ) -> None:
+        fmt = fmt or RecordFormat()
         self._dir = progress_dir
-        self._status = prefix + "status"
-        self._error = prefix + "error"
+        self._status = fmt.name("status")
+        self._error = fmt.name("error")
         self._kind = kind
         self._interval = interval_s
 

@@ -26,12 +26,12 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from pipelines.output import SUMMARY_FILE, _fs, _join, read_summary, write_atomic
+from pipelines.output import REPORT_FILE, SUMMARY_FILE, _fs, _join, read_summary, write_atomic
 from transforms.errors import redact_uri
+from transforms.rows import RecordFormat
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 TOP_LABELS = 20
 GRID_LABELS = 8
 PER_SIDE = 4
@@ -69,10 +69,10 @@ def _push(heap: list[tuple[float, int, _Row]], key: float, n: int, row: _Row, si
         heapq.heapreplace(heap, (key, n, row))
 
 
-def _scan(directory: str, files: list[str], prefix: str, uri_column: str | None) -> _Stats:
+def _scan(directory: str, files: list[str], fmt: RecordFormat, uri_column: str | None) -> _Stats:
     stats = _Stats()
     col = {
-        c: prefix + c for c in ("label", "score", "status", "error", "source_file", "source_row")
+        c: fmt.name(c) for c in ("label", "score", "status", "error", "source_file", "source_row")
     }
     fs, root = _fs(directory)
     for name in files:
@@ -292,7 +292,7 @@ def render(summary: dict[str, Any], stats: _Stats, image_column: str | None) -> 
 
 
 def build_report(directory: str) -> str:
-    """Write `report.html` into an output directory; returns its path.
+    """Write `__label_images__/report.html` into an output directory; returns its path.
 
     Raises:
         FileNotFoundError: the directory has no summary.json (no finished run).
@@ -302,14 +302,15 @@ def build_report(directory: str) -> str:
     fs, root = _fs(directory)
     first = _join(root, summary["output_files"][0]) if summary.get("output_files") else None
     metadata: dict[bytes, bytes] = {}
+    fmt = RecordFormat(prefix=config.get("output_prefix") or "")
     if first:
         with fs.open(first, "rb") as f:
-            metadata = pq.read_schema(f).metadata or {}
+            schema = pq.read_schema(f)
+        metadata = schema.metadata or {}
+        fmt = RecordFormat.of_schema(schema)
     uri_column = metadata.get(b"image_labeler.uri_column", b"").decode() or None
     image_column = metadata.get(b"image_labeler.image_column", b"").decode() or None
-    stats = _scan(
-        directory, summary.get("output_files", []), config.get("output_prefix") or "", uri_column
-    )
+    stats = _scan(directory, summary.get("output_files", []), fmt, uri_column)
     page = render(summary, stats, image_column)
     path = _join(root, REPORT_FILE)
     write_atomic(fs, path, lambda f: f.write(page.encode("utf-8")))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
-from transforms.rows import ImageRow
+from transforms.rows import ImageRow, RecordFormat
 from transforms.sources import InputPlan, with_protocol
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,10 @@ def check_previous_output(
         raise ConfigError(f"--skip-existing {previous} holds no {SHARD_PREFIX}-*.parquet files")
     with fsspec.open(shards[0], "rb") as f:
         schema = pq.read_schema(f)
-    if plan.uri_column not in schema.names or "status" not in schema.names:
+    status = RecordFormat.of_schema(schema).name("status")
+    if plan.uri_column not in schema.names or status not in schema.names:
         raise ConfigError(
-            f"--skip-existing {previous} has no {plan.uri_column!r} and status columns"
+            f"--skip-existing {previous} has no {plan.uri_column!r} and {status!r} columns"
         )
     found = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     different = [key for key in IDENTITY_KEYS if found.get(key, "") != metadata.get(key, "")]
@@ -75,28 +76,42 @@ def check_previous_output(
     return previous
 
 
-class ReadDoneUris(beam.PTransform):
-    """The set of URIs with an `ok` row in a previous output (one element)."""
+def previous_format(directory: str) -> RecordFormat:
+    """The record format of a previous output (its `--output-prefix`), from its schema."""
+    shards = previous_shards(directory)
+    if not shards:
+        return RecordFormat()
+    with fsspec.open(shards[0], "rb") as f:
+        return RecordFormat.of_schema(pq.read_schema(f))
 
-    def __init__(self, directory: str, uri_column: str) -> None:
+
+class ReadDoneUris(beam.PTransform):
+    """The set of URIs with an `ok` row in a previous output (one element).
+
+    Args:
+        directory: the previous output.
+        uri_column: the input's URI column (the user's own, never prefixed).
+        fmt: the previous output's record format, which names its status column.
+    """
+
+    def __init__(self, directory: str, uri_column: str, fmt: RecordFormat) -> None:
         super().__init__()
         self._directory = directory
         self._uri_column = uri_column
+        self._status = fmt.name("status")
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        uri_column = self._uri_column
+        uri_column, status = self._uri_column, self._status
         ok = Status.OK.value
         return (
             pbegin
             | "ReadPrevious"
             >> beam.io.ReadFromParquet(
                 self._directory.rstrip("/") + f"/{SHARD_PREFIX}-*{SHARD_SUFFIX}",
-                columns=[uri_column, "status"],
+                columns=[uri_column, status],
             )
             | "OkUris"
-            >> beam.FlatMap(
-                lambda r: [r[uri_column]] if r["status"] == ok and r[uri_column] else []
-            )
+            >> beam.FlatMap(lambda r: [r[uri_column]] if r[status] == ok and r[uri_column] else [])
             | "ToSet" >> beam.CombineGlobally(beam.combiners.ToSetCombineFn())
         )
 
@@ -121,14 +136,14 @@ class ReadCommitted(beam.PTransform):
     """The label columns of the part files an interrupted run committed.
 
     Yields one dict per committed row with `source_file`, `source_row`,
-    `status`, `label` and `error` (under the run's `--output-prefix`).
+    `status`, `label` and `error` (named by `fmt`, under the run's `--output-prefix`).
     """
 
-    def __init__(self, directory: str, files: Sequence[str], prefix: str) -> None:
+    def __init__(self, directory: str, files: Sequence[str], fmt: RecordFormat) -> None:
         super().__init__()
         self._paths = [directory.rstrip("/") + "/" + name for name in files]
         self._columns = [
-            prefix + c for c in ("source_file", "source_row", "status", "label", "error")
+            fmt.name(c) for c in ("source_file", "source_row", "status", "label", "error")
         ]
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
@@ -141,10 +156,6 @@ class ReadCommitted(beam.PTransform):
 
 class SkipCommitted(beam.DoFn):
     """Rows an interrupted run already committed are dropped (counted as resumed)."""
-
-    def __init__(self, prefix: str) -> None:
-        self._file = prefix + "source_file"
-        self._row = prefix + "source_row"
 
     def process(self, row: ImageRow, committed: Any) -> Iterator[ImageRow]:
         if (row.source_file, row.source_row) not in committed:

@@ -328,12 +328,15 @@ def gcs_emulator() -> Iterator[str]:
 
 
 def read_output(directory: Path) -> Any:
-    """The `part-*.parquet` shards of a job's output directory, as one pyarrow Table."""
+    """A job's output directory, read as one pyarrow Table the way users read it
+    (`pq.read_table(OUT)`: the folder is the dataset)."""
     import pyarrow.parquet as pq
 
     files = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
     assert files, f"no shards in {directory}"
-    return pq.ParquetDataset(files).read()
+    table = pq.read_table(str(directory))
+    assert table.num_rows == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return table
 
 
 def run_job(args: list[str]) -> int:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_ERROR_RATE, EXIT_OK
+from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, run_job
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_text_manifest_matches_the_seed(tiny_vit: Path, photo_dir: Path, tmp_pat
     assert meta["image_labeler.top_k"] == "3"
     assert meta["image_labeler.function_to_apply"] == "softmax"
     assert meta["image_labeler.version"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_in"] == summary["rows_out"] == len(names)
     assert summary["rows_by_status"]["ok"] == len(names)
     assert sum(t["count"] for t in summary["top_labels"]) == len(names)
@@ -121,7 +122,7 @@ def test_csv_manifest_with_errors_and_duplicates(
     assert rows[4]["status"] == "invalid_input" and rows[4]["error"].startswith("empty_uri")
     assert rows[5]["status"] == "invalid_input"
     assert rows[5]["error"].startswith("unsupported_scheme")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_by_status"] == {
         "ok": 3,
         "fetch_error": 1,
@@ -193,9 +194,13 @@ def test_overwrite_semantics(tiny_vit: Path, photo_dir: Path, tmp_path: Path) ->
     assert label(base + ["--num-shards", "1", "--overwrite"]) == EXIT_OK
     names = sorted(p.name for p in out.iterdir())
     # The old shards are gone; the new run's one shard, summary and report are there.
-    assert len(names) == 4 and names[0] == "notes.txt", names
-    assert names[2:] == ["report.html", "summary.json"], names
-    assert names[1].startswith("part-") and names[1].endswith("-00000-of-00001.parquet")
+    assert len(names) == 3 and names[:2] == ["__label_images__", "notes.txt"], names
+    assert sorted(p.name for p in (out / "__label_images__").iterdir()) == [
+        "report.html",
+        "summary.json",
+    ]
+    assert names[2].startswith("part-") and names[2].endswith("-00000-of-00001.parquet")
+    (out / "notes.txt").unlink()  # the user's own file is no Parquet: the folder reads without it
     assert read_output(out).num_rows == 4
 
 
@@ -235,7 +240,7 @@ def test_bad_configuration_exits_2_with_a_clear_message(
     assert label(args + extra) == EXIT_BAD_CONFIG
     err = capsys.readouterr().err
     assert "label-images: error:" in err and message in err
-    assert not (tmp_path / "out" / "summary.json").exists()
+    assert not (tmp_path / "out" / SUMMARY_FILE).exists()
 
 
 def test_unknown_yaml_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
+from pipelines.output import REPORT_FILE, SUMMARY_FILE
 from pipelines.preflight import normalized
 from tests.conftest import read_output, run_cli, run_job
 from tests.http_server import serve
@@ -86,7 +87,7 @@ def test_parts_are_committed_as_the_run_goes(
     assert run_job([*args, "--commit-every", "1", "--batch-size", "1"]) == EXIT_OK
     parts = _parts(out)
     assert len(parts) == 4  # one committed file per row
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert sorted(summary["output_files"]) == [p.name for p in parts]
     assert not (out / ".label-images-run.json").exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -152,7 +153,7 @@ def test_resume_after_kill_9_ends_with_every_row_exactly_once(
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    assert not (out / "summary.json").exists()
+    assert not (out / SUMMARY_FILE).exists()
     committed = [p for p in _parts(out)]
     before = sum(pq.ParquetFile(p).metadata.num_rows for p in committed)
     assert 0 < before < 300
@@ -165,7 +166,7 @@ def test_resume_after_kill_9_ends_with_every_row_exactly_once(
     keys = Counter((r["source_file"], r["source_row"]) for r in rows)
     assert len(rows) == 300 and set(keys.values()) == {1}
     assert sorted(r["source_row"] for r in rows) == list(range(300))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_resumed"] == before
     assert summary["rows_in"] == summary["rows_out"] == 300
     assert summary["rows_by_status"]["fetch_error"] == 9  # rows 0, 37, ... 296
@@ -179,7 +180,8 @@ def test_overwrite_keeps_the_previous_output_until_it_commits(
 ) -> None:
     out = tmp_path / "out"
     assert run_job(["--input", str(manifest), "--output", str(out), "--model", str(tiny_vit)]) == 0
-    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    old = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert SUMMARY_FILE in old and REPORT_FILE in old
     job = _job(
         [
             "--input",
@@ -225,7 +227,7 @@ def test_a_full_disk_fails_the_job_and_leaves_no_partial_file(
         f"mount -t tmpfs -o size=96k tmpfs {mount} && cd {REPO} && "
         f"{sys.executable} -m pipelines.label_images --input {many_images} "
         f"--output {mount}/out --model {tiny_vit} --commit-every 5 --progress false; "
-        f"echo EXIT=$?; ls -la {mount}/out; "
+        f"echo EXIT=$?; ls -laR {mount}/out; "
         f'{sys.executable} -c "import pathlib, pyarrow.parquet as pq, sys; '
         f"parts = sorted(pathlib.Path('{mount}/out').glob('part-*.parquet')); "
         f"[pq.read_table(p) for p in parts]; print('READABLE', len(parts)); "
@@ -275,7 +277,7 @@ def test_credentials_in_uris_never_reach_what_the_tool_writes(
             ]
         )
     assert code == EXIT_OK
-    written = (out / "summary.json").read_text()
+    written = (out / SUMMARY_FILE).read_text()
     table = read_output(out)
     generated = [
         c

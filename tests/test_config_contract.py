@@ -22,6 +22,7 @@ import yaml
 
 from pipelines.config import RENAMED, JobConfig, all_options, load_config
 from pipelines.label_images import EXIT_BAD_CONFIG, run
+from pipelines.output import SUMMARY_FILE
 from transforms.options import ConfigError, OptionInfo, default_of, flag
 from transforms.spec import LabelingSpec
 
@@ -244,7 +245,7 @@ def test_configuration_errors_exit_2_and_leave_output_alone(
     if "--runner" in extra or "--device" in extra:
         code, err = _run(base, capsys)
         assert code == 0, err
-        assert (out / "summary.json").exists()
+        assert (out / SUMMARY_FILE).exists()
 
 
 @pytest.mark.skipif(

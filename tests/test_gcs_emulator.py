@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK, run
+from pipelines.output import SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_full_job_on_gcs(
     assert by_status == ["fetch_error", "ok", "ok", "ok", "ok"]
     missing = next(r for r in rows if r["status"] == "fetch_error")
     assert missing["error"].startswith("not_found: ")
-    with fsspec.open(f"{out}/summary.json", "rt") as f:
+    with fsspec.open(f"{out}/{SUMMARY_FILE}", "rt") as f:
         summary = json.load(f)
     assert summary["rows_out"] == 5 and summary["errors_by_code"] == {"not_found": 1}
     # A rerun without --overwrite is refused; with it, one set of files remains.
@@ -76,8 +77,10 @@ def test_full_job_on_gcs(
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     # One shard of this run, the summary and the report; the run marker is gone.
-    assert len(names) == 3 and names[1:] == ["report.html", "summary.json"], names
-    assert names[0].startswith("part-") and names[0].endswith("-00000-of-00001.parquet")
+    assert len(names) == 2 and names[0] == "__label_images__", names
+    assert names[1].startswith("part-") and names[1].endswith("-00000-of-00001.parquet")
+    meta = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{path}/__label_images__", detail=False))
+    assert meta == ["report.html", "summary.json"], meta
 
 
 def test_missing_gcs_manifest_is_a_clear_error(

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
+from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, real_photo, run_job
 from transforms import sources
 from transforms.decode import decode_image
@@ -488,7 +489,7 @@ def test_mixed_hostile_manifest_one_row_each_with_its_code(
             assert code == row["expect"], row
     codes = sorted(r["error"].split(":", 1)[0] for r in table if r["error"])
     assert "bad_encoding" in codes and "line_too_long" in codes
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_in"] == summary["rows_out"] == len(lines) - 1
 
 

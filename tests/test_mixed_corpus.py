@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from pipelines.label_images import EXIT_OK, run
+from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output
 from tests.http_server import FaultServer, serve
 
@@ -179,7 +180,7 @@ def test_every_row_out_exactly_once_with_its_code(
         assert (r["status"], got_code) == (r["expect_status"], r["expect_code"] or ""), r
         if r["status"] == "ok":
             assert r["label"] and len(r["labels"]) == 5
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_in"] == summary["rows_out"] == len(rows)
     for code_name, count in summary["errors_by_code"].items():
         assert count == sum(1 for r in out_rows if (r["error"] or "").startswith(code_name + ":"))

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK, report_main
+from pipelines.output import REPORT_FILE
 from pipelines.progress import Counts, ProgressPrinter, progress_line
 from tests.conftest import read_output, run_cli, run_job
 from transforms import __version__
@@ -147,8 +148,8 @@ def labeled(photo_dir: Path, tiny_vit: Path, tmp_path_factory: pytest.TempPathFa
 def test_report_is_self_contained_and_rebuildable(
     labeled: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    page = (labeled / "report.html").read_text()
-    assert (labeled / "report.html").stat().st_size < 20 << 20
+    page = (labeled / REPORT_FILE).read_text()
+    assert (labeled / REPORT_FILE).stat().st_size < 20 << 20
     for section in ("metadata", "labels", "scores", "examples", "low-confidence", "failures"):
         assert f'id="{section}"' in page
     assert "<link" not in page and "<script src" not in page
@@ -156,9 +157,9 @@ def test_report_is_self_contained_and_rebuildable(
     assert sources and all(s.startswith("data:image/jpeg;base64,") for s in sources)
     assert "not_found" in page and "unsupported_scheme" in page
     assert "SECRET" not in page and "user:pw" not in page  # sample URIs are redacted
-    (labeled / "report.html").unlink()
+    (labeled / REPORT_FILE).unlink()
     assert report_main([str(labeled)]) == EXIT_OK
-    assert (labeled / "report.html").read_text().count('id="failures"') == 1
+    assert (labeled / REPORT_FILE).read_text().count('id="failures"') == 1
     assert report_main([str(labeled / "nothing")]) == EXIT_BAD_CONFIG
 
 
@@ -181,7 +182,7 @@ def test_report_in_headless_chromium(labeled: Path, tmp_path: Path) -> None:
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: requests.append(r.url))
-        page.goto((labeled / "report.html").as_uri())
+        page.goto((labeled / REPORT_FILE).as_uri())
         page.wait_for_load_state("load")
         assert page.locator("#labels svg rect").count() >= 1
         assert page.locator("#scores svg rect").count() == 20
@@ -303,7 +304,7 @@ def test_report_thumbnails_of_embedded_images(
     pq.write_table(table, src, row_group_size=2)
     out = tmp_path / "out"
     assert run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_vit)]) == 0
-    page = (out / "report.html").read_text()
+    page = (out / REPORT_FILE).read_text()
     examples = page.split('id="examples"', 1)[1].split('id="low-confidence"', 1)[0]
     assert examples.count('src="data:image/jpeg;base64,') >= len(photos)
     assert "no image" not in examples

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
+from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, run_job
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def test_rerun_labels_only_missing_and_failed_rows(
         ["images/rocket.jpg", "images/astronaut.png", "images/camera_gray.png", "images/late.jpg"]
     )
     assert all(r["status"] == "ok" for r in _rows(second))
-    summary = json.loads((second / "summary.json").read_text())
+    summary = json.loads((second / SUMMARY_FILE).read_text())
     assert summary["rows_in"] == 6 and summary["rows_skipped"] == 2
     assert summary["rows_out"] == 4
 
@@ -94,7 +95,7 @@ def test_a_different_model_reuses_nothing(
         )
         == EXIT_OK
     )
-    summary = json.loads((second / "summary.json").read_text())
+    summary = json.loads((second / SUMMARY_FILE).read_text())
     assert summary["rows_skipped"] == 0 and summary["rows_out"] == 2
 
 

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from pipelines.label_images import EXIT_BAD_CONFIG
+from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, real_photo, run_job
 from transforms.models import ModelLoadError
 
@@ -79,7 +80,7 @@ def test_default_job_equals_transformers_pipeline_on_photos_of_every_size(
     for path, reference in expected.items():
         assert rows[path]["status"] == "ok"
         _assert_matches(rows[path]["labels"], rows[path]["scores"], reference)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["config"]["effective"]["decode"] == "exact"
 
     # Embedded bytes in Parquet.
@@ -129,7 +130,7 @@ def test_zero_shot_job_equals_transformers_pipeline_on_photos_of_every_size(
     for path in sized_photos:
         reference = seed(str(path), candidate_labels=list(LABELS))
         _assert_matches(rows[str(path)]["labels"], rows[str(path)]["scores"], reference)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["config"]["effective"]["task"] == "zero-shot-image-classification"
 
 
@@ -142,7 +143,7 @@ def test_fast_decode_is_an_opt_in_that_changes_pixels(
     assert run_job([*common, "--output", str(tmp_path / "exact")]) == 0
     assert run_job([*common, "--output", str(tmp_path / "fast"), "--fast-decode"]) == 0
     exact, fast = _by_uri(tmp_path / "exact"), _by_uri(tmp_path / "fast")
-    summary = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "fast" / SUMMARY_FILE).read_text())
     assert summary["config"]["effective"]["decode"] == "fast"
     metadata = pq.read_schema(next((tmp_path / "fast").glob("part-*.parquet"))).metadata
     assert metadata[b"image_labeler.decode"] == b"fast"
@@ -226,7 +227,7 @@ def test_summary_records_the_settings_that_ran(
     out = tmp_path / "out"
     manifest = _manifest(sorted(photo_dir.glob("*.jpg")), tmp_path)
     assert run_job(["--input", str(manifest), "--output", str(out), "--model", str(tiny_vit)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["config"]["effective"] == {
         "task": "image-classification",
         "device": "cpu",  # --device auto, resolved on this GPU-less machine

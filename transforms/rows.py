@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from transforms.errors import RowError, Status
 
-#: Columns the labeler adds to every output row, in order.
-LABEL_COLUMNS: tuple[str, ...] = ("label", "score", "labels", "scores", "status", "error")
+#: Parquet metadata key of the `--output-prefix` an output was written with.
+PREFIX_KEY = "image_labeler.output_prefix"
 
 #: The `--embeddings` column, after the label columns.
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
@@ -113,7 +113,25 @@ class RecordFormat:
         return tuple(f.name for f in self.fields)
 
     def name(self, column: str) -> str:
+        """The output name of an added column (`status` -> `pred_status`)."""
         return self.prefix + column
+
+    @classmethod
+    def of_schema(cls, schema: pa.Schema) -> RecordFormat:
+        """The format an existing output was written with, read from its schema.
+
+        The prefix comes from the `PREFIX_KEY` metadata the job writes (none when
+        absent), so a reader of an earlier output (`--skip-existing`, `--resume`,
+        the report) finds its columns under `--output-prefix` too.
+        """
+        metadata = schema.metadata or {}
+        prefix = metadata.get(PREFIX_KEY.encode(), b"").decode()
+        names = set(schema.names)
+        return cls(
+            prefix=prefix,
+            source=prefix + "source_file" in names,
+            embeddings=prefix + EMBEDDING_FIELD.name in names,
+        )
 
     def schema(
         self, input_schema: pa.Schema, metadata: Mapping[str, str] | None = None

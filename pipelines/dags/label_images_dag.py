@@ -53,16 +53,21 @@ def job_options(**extra: Any) -> dict[str, Any]:
     }
 
 
+#: Where the job writes its summary in --output (`pipelines.output.SUMMARY_FILE`;
+#: this file runs in Airflow's environment, without the project installed).
+SUMMARY_FILE = "__label_images__/summary.json"
+
+
 @task
 def read_summary(output: str) -> dict[str, Any]:
     """The job's summary.json, returned to XCom."""
     try:
         import fsspec
 
-        with fsspec.open(output.rstrip("/") + "/summary.json", "rt") as f:
+        with fsspec.open(output.rstrip("/") + "/" + SUMMARY_FILE, "rt") as f:
             data: dict[str, Any] = json.load(f)
     except ImportError:  # plain local path without fsspec
-        with open(output.rstrip("/") + "/summary.json") as f:
+        with open(output.rstrip("/") + "/" + SUMMARY_FILE) as f:
             data = json.load(f)
     return data
 
