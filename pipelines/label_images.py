@@ -108,9 +108,10 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
     check_output_overlap(config, plan.files)
     labeling = resolve(config.labeling, local=local, keep_model=keep_model)
     described = labeling_metadata(labeling)
-    fmt = RecordFormat(prefix=config.output_prefix, source=True, embeddings=labeling.embeddings)
-    if config.output_prefix:
-        described[PREFIX_KEY] = config.output_prefix
+    fmt = RecordFormat.for_input(
+        plan.passthrough_schema, prefix=config.output_prefix, embeddings=labeling.embeddings
+    )
+    described.update(fmt.metadata)
     # Where the images came from, for the report's thumbnails.
     described["image_labeler.uri_column"] = plan.uri_column or ""
     described["image_labeler.image_column"] = plan.image_column or ""

@@ -139,6 +139,28 @@ def test_output_schema_refuses_clashing_columns() -> None:
         RecordFormat().schema(pa.schema([("uri", pa.string()), ("label", pa.int64())]))
 
 
+def test_row_status_columns_step_aside_for_an_inputs_own() -> None:
+    upstream = pa.schema([("url", pa.string()), ("status", pa.string())])  # img2dataset's
+    fmt = RecordFormat.for_input(upstream, embeddings=False)
+    assert [fmt.name(c) for c in ("status", "error", "label")] == [
+        "label_status",
+        "label_error",
+        "label",
+    ]
+    schema = fmt.schema(upstream, fmt.metadata)
+    assert schema.names[:2] == ["url", "status"] and "label_status" in schema.names
+    assert RecordFormat.of_schema(schema) == fmt  # readers of the output find them again
+    assert (
+        RecordFormat.for_input(pa.schema([("uri", pa.string())]), embeddings=False).name("status")
+        == "status"
+    )
+    prefixed = RecordFormat.for_input(upstream, prefix="pred_", embeddings=False)
+    assert prefixed.name("status") == "pred_status" and not prefixed.status_prefix
+    with pytest.raises(ValueError, match="--output-prefix"):  # a prediction column still asks
+        both = pa.schema([("status", pa.string()), ("label", pa.string())])
+        RecordFormat.for_input(both, embeddings=False).schema(both)
+
+
 # ---- config --------------------------------------------------------------------
 
 

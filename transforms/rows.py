@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -12,6 +12,14 @@ from transforms.errors import RowError, Status
 
 #: Parquet metadata key of the `--output-prefix` an output was written with.
 PREFIX_KEY = "image_labeler.output_prefix"
+#: Parquet metadata key of `RecordFormat.status_prefix`, when an output has one.
+STATUS_PREFIX_KEY = "image_labeler.status_prefix"
+
+#: Our row-status columns. An input may carry its own bookkeeping under these
+#: names (img2dataset's `status`, "success"/"failed_to_download"); ours then
+#: take `OWN_STATUS_PREFIX` (`label_status`, `label_error`) and the input's stay.
+ROW_STATUS_COLUMNS = ("status", "error")
+OWN_STATUS_PREFIX = "label_"
 
 #: The `--embeddings` column, after the label columns.
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
@@ -93,11 +101,27 @@ class RecordFormat:
             so input columns of the same names are kept as they are.
         source: add `source_file` and `source_row` (the job always does).
         embeddings: add the `embedding` column (`--embeddings`).
+        status_prefix: prepended (after `prefix`) to the row-status columns
+            only: `OWN_STATUS_PREFIX` when the input has its own (`for_input`).
     """
 
     prefix: str = ""
     source: bool = False
     embeddings: bool = False
+    status_prefix: str = ""
+
+    @classmethod
+    def for_input(
+        cls, input_schema: pa.Schema, *, prefix: str = "", source: bool = True, embeddings: bool
+    ) -> RecordFormat:
+        """The format for an input: our `status`/`error` become `label_status`/
+        `label_error` when the input has a column of either name (an upstream
+        tool's bookkeeping, never renamed or dropped). A clash on any other
+        added column is left for `schema` to refuse, naming `--output-prefix`."""
+        fmt = cls(prefix=prefix, source=source, embeddings=embeddings)
+        if any(fmt.name(c) in input_schema.names for c in ROW_STATUS_COLUMNS):
+            return replace(fmt, status_prefix=OWN_STATUS_PREFIX)
+        return fmt
 
     @property
     def fields(self) -> tuple[pa.Field, ...]:
@@ -106,14 +130,24 @@ class RecordFormat:
             + LABEL_FIELDS
             + ((EMBEDDING_FIELD,) if self.embeddings else ())
         )
-        return tuple(f.with_name(self.prefix + f.name) for f in added)
+        return tuple(f.with_name(self.name(f.name)) for f in added)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The Parquet metadata that lets `of_schema` find these columns again."""
+        return {
+            **({PREFIX_KEY: self.prefix} if self.prefix else {}),
+            **({STATUS_PREFIX_KEY: self.status_prefix} if self.status_prefix else {}),
+        }
+
     def name(self, column: str) -> str:
         """The output name of an added column (`status` -> `pred_status`)."""
+        if column in ROW_STATUS_COLUMNS:
+            return self.prefix + self.status_prefix + column
         return self.prefix + column
 
     @classmethod
@@ -131,6 +165,7 @@ class RecordFormat:
             prefix=prefix,
             source=prefix + "source_file" in names,
             embeddings=prefix + EMBEDDING_FIELD.name in names,
+            status_prefix=metadata.get(STATUS_PREFIX_KEY.encode(), b"").decode(),
         )
 
     def schema(
@@ -160,10 +195,10 @@ class RecordFormat:
     def _record(self, row: ImageRow, labels: dict[str, Any]) -> dict[str, Any]:
         record = dict(row.values)
         if self.source:
-            record[self.prefix + "source_file"] = row.source_file
-            record[self.prefix + "source_row"] = row.source_row
+            record[self.name("source_file")] = row.source_file
+            record[self.name("source_row")] = row.source_row
         for key, value in labels.items():
-            record[self.prefix + key] = value
+            record[self.name(key)] = value
         return record
 
     def ok(self, row: ImageRow, prediction: Prediction) -> dict[str, Any]:

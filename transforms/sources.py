@@ -1,4 +1,5 @@
-"""Reading image manifests (txt, CSV, JSONL), Parquet and WebDataset tar shards
+"""Reading image manifests (txt, CSV, JSONL), Parquet, Arrow (Hugging Face
+`datasets`' `save_to_disk`), WebDataset tar shards and img2dataset output folders
 into `ImageRow`s.
 
 The input is planned once, when the job is built (`plan_input`): files are
@@ -34,7 +35,9 @@ from transforms.rows import ImageRow
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("text", "csv", "jsonl", "parquet", "webdataset")
+FORMATS = ("text", "csv", "jsonl", "parquet", "arrow", "webdataset", "img2dataset")
+#: Formats whose rows come from Arrow tables: typed columns, rows counted by offset.
+_TABULAR = ("parquet", "arrow", "img2dataset")
 #: URI columns tried, in order, when `--uri-column` is not given and `uri` is absent.
 URI_COLUMN_CANDIDATES = ("uri", "image_url", "url", "path", "image_path")
 TEXT_URI_COLUMN = "uri"
@@ -46,6 +49,7 @@ _EXTENSIONS = {
     ".csv": "csv",
     ".tsv": "csv",
     ".jsonl": "jsonl",
+    ".arrow": "arrow",
     ".ndjson": "jsonl",
     ".json": "jsonl",
     ".parquet": "parquet",
@@ -60,6 +64,8 @@ _INFER_BYTES = 4 << 20
 # never sits in memory whole.
 PARQUET_READ_BATCH_ROWS = 1024
 PARQUET_READ_BATCH_BYTES = 32 << 20
+#: Rows of an Arrow record batch turned into Python objects at a time.
+ARROW_SLICE_ROWS = 64
 
 
 class InputError(ValueError):
@@ -155,10 +161,14 @@ def match_files(pattern: str) -> list[str]:
     if any(ch in pattern for ch in "*?["):
         found = [p for p in fs.glob(pattern) if not fs.isdir(p)]
     elif fs.isdir(pattern):
-        found = [p for p in fs.find(pattern) if detect_format(p) == "parquet"]
+        listed = fs.find(pattern)
+        # A Hugging Face `save_to_disk` folder holds Arrow files (one per split).
+        found = [p for p in listed if detect_format(p) == "parquet"] or [
+            p for p in listed if detect_format(p) == "arrow"
+        ]
         if not found:
             raise InputError(
-                f"--input {pattern} is a directory with no *.parquet files; "
+                f"--input {pattern} is a directory with no *.parquet or *.arrow files; "
                 "point it at a manifest file or a glob such as 'dir/*.csv'"
             )
     elif fs.exists(pattern):
@@ -392,6 +402,28 @@ def plan_input(
     Raises:
         InputError: when the input cannot be used; the message says why.
     """
+    sidecars = img2dataset_sidecars(pattern) if input_format in ("auto", "img2dataset") else None
+    if sidecars:
+        if uri_column or image_column:
+            flag = "--uri-column" if uri_column else "--image-column"
+            raise InputError(
+                f"{flag} does not apply to an img2dataset folder: each row's image is its "
+                "sample in the shard beside it"
+            )
+        schema = unify_parquet_schemas(sidecars)
+        if IMG2DATASET_IMAGE in schema.names:
+            raise InputError(f"--input {pattern}: its column {IMG2DATASET_IMAGE!r} is reserved")
+        return InputPlan(
+            tuple(sidecars),
+            "img2dataset",
+            None,
+            schema.append(pa.field(IMG2DATASET_IMAGE, pa.binary())),
+            image_column=IMG2DATASET_IMAGE,
+            keep_image_column=keep_image_column,
+            max_member_bytes=max_member_bytes,
+        )
+    if input_format == "img2dataset":
+        raise InputError(f"--input {pattern} is no img2dataset folder (NNNNN.tar + .parquet)")
     files = match_files(pattern)
     formats = {detect_format(f) for f in files} if input_format == "auto" else {input_format}
     if len(formats) > 1:
@@ -418,11 +450,13 @@ def plan_input(
         )
     if fmt == "parquet":
         schema = unify_parquet_schemas(files)
+    elif fmt == "arrow":
+        schema = unify_arrow_schemas(files)
     else:
         schema = _infer_schema(files[0], fmt, delimiter, encoding)
-    if image_column and fmt != "parquet":
-        raise InputError("--image-column needs Parquet input")
-    if fmt == "parquet" and (image_column or not uri_column):
+    if image_column and fmt not in ("parquet", "arrow"):
+        raise InputError("--image-column needs Parquet or Arrow input")
+    if fmt in ("parquet", "arrow") and (image_column or not uri_column):
         chosen_image = choose_image_column(schema, image_column, files[0])
         if chosen_image:
             chosen_uri = choose_uri_column(schema, uri_column, files[0]) if uri_column else None
@@ -441,6 +475,57 @@ def plan_input(
     return InputPlan(tuple(files), fmt, chosen, schema, delimiter, encoding=encoding)
 
 
+#: img2dataset's output folder: `00000.tar` shards with a `00000.parquet` of every
+#: row (failed downloads included) beside each, and `*_stats.json`.
+_IMG2DATASET_SHARD = re.compile(r"^(\d+)\.tar$")
+#: The column that carries an img2dataset row's image from its shard to the labeler.
+IMG2DATASET_IMAGE = "image"
+
+
+def img2dataset_sidecars(pattern: str) -> list[str] | None:
+    """The per-shard Parquet files of an img2dataset folder, or None for anything else.
+
+    An img2dataset folder is a directory whose `NNNNN.tar` shards each have a
+    `NNNNN.parquet` beside them. Its rows are the Parquet files' rows, so the
+    downloads that failed (in no shard) are rows too.
+    """
+    if webdataset.is_shard_pattern(pattern) or any(ch in pattern for ch in "*?["):
+        return None
+    fs, _, _ = fsspec.get_fs_token_paths(pattern)
+    if _protocol(pattern) in ("http", "https") or not fs.isdir(pattern):
+        return None
+    names = {posixpath.basename(p): p for p in fs.ls(pattern, detail=False)}
+    shards = sorted(n for n in names if _IMG2DATASET_SHARD.match(n))
+    if not shards or any(n[: -len(".tar")] + ".parquet" not in names for n in shards):
+        return None
+    return [with_protocol(pattern, names[n[: -len(".tar")] + ".parquet"]) for n in shards]
+
+
+def _open_arrow(f: Any) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow IPC file or stream (`datasets` writes streams)."""
+    try:
+        reader = pa.ipc.open_file(f)
+    except pa.ArrowInvalid:
+        f.seek(0)
+        yield from pa.ipc.open_stream(f)
+        return
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)
+
+
+def _arrow_schema(f: Any) -> pa.Schema:
+    try:
+        return pa.ipc.open_file(f).schema
+    except pa.ArrowInvalid:
+        f.seek(0)
+        return pa.ipc.open_stream(f).schema
+
+
+def unify_arrow_schemas(files: list[str]) -> pa.Schema:
+    """One schema for Arrow IPC files (as `unify_parquet_schemas`)."""
+    return _unify(files, _arrow_schema)
+
+
 def unify_parquet_schemas(files: list[str]) -> pa.Schema:
     """One schema for Parquet files whose schemas differ.
 
@@ -450,10 +535,14 @@ def unify_parquet_schemas(files: list[str]) -> pa.Schema:
     Raises:
         InputError: naming the file and the column that cannot be unified.
     """
+    return _unify(files, pq.read_schema)
+
+
+def _unify(files: list[str], read_schema: Any) -> pa.Schema:
     schema: pa.Schema | None = None
     for path in files:
         with fsspec.open(path, "rb") as f:
-            file_schema = pq.read_schema(f).remove_metadata()
+            file_schema = read_schema(f).remove_metadata()
         if schema is None:
             schema = file_schema
             continue
@@ -521,13 +610,16 @@ class _ReadRows(beam.DoFn):
             "csv": self._csv,
             "jsonl": self._jsonl,
             "parquet": self._parquet,
+            "arrow": self._arrow,
             "webdataset": self._webdataset,
+            "img2dataset": self._img2dataset,
         }[self._plan.format]
         image_column = self._plan.image_column
         source_file = redact_uri(path)
         # Parquet readers yield 0-based row offsets; manifests count their rows.
         for position, (row_no, values, error) in enumerate(reader(path, row_group)):
-            source_row = row_no if self._plan.format in ("parquet", "webdataset") else position
+            offsets = (*_TABULAR, "webdataset")
+            source_row = row_no if self._plan.format in offsets else position
             image = None
             raw = _to_text(values.get(self._plan.uri_column)) if self._plan.uri_column else None
             if image_column:
@@ -671,24 +763,83 @@ class _ReadRows(beam.DoFn):
                 row_groups=[row_group],
                 columns=present,
             ):
-                table = pa.Table.from_batches([batch])
-                for name in schema.names:  # columns of other files: null here
-                    if name not in present:
-                        table = table.append_column(
-                            schema.field(name), pa.nulls(len(table), schema.field(name).type)
-                        )
-                table = table.select(schema.names)
-                if table.schema != schema:
-                    table = table.cast(schema)
-                for values in table.to_pylist():
+                for values in _conform(pa.Table.from_batches([batch]), schema).to_pylist():
                     yield offset, values, None
                     offset += 1
+
+    def _arrow(self, path: str, _: int) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        schema = self._plan.schema
+        offset = 0
+        with fsspec.open(path, "rb") as f:
+            for batch in _open_arrow(f):
+                # `datasets` writes 1,000-row batches: images go to Python a slice at a time.
+                for start in range(0, batch.num_rows, PARQUET_READ_BATCH_ROWS // 16):
+                    piece = pa.Table.from_batches(
+                        [batch.slice(start, PARQUET_READ_BATCH_ROWS // 16)]
+                    )
+                    for values in _conform(piece, schema).to_pylist():
+                        yield offset, values, None
+                        offset += 1
+
+    def _img2dataset(
+        self, path: str, _: int
+    ) -> Iterator[tuple[int, dict[str, Any], RowError | None]]:
+        """The rows of one img2dataset shard: its Parquet's rows, with their images
+        from the tar beside it. A row whose download failed (no sample in the
+        shard) is a `no_image` row naming img2dataset's status and error."""
+        schema = self._plan.schema.remove(self._plan.schema.get_field_index(IMG2DATASET_IMAGE))
+        with fsspec.open(path, "rb") as f:
+            rows = _conform(pq.read_table(f), schema).to_pylist()
+        by_key = {row.get("key"): i for i, row in enumerate(rows)}
+        shard = path[: -len(".parquet")] + ".tar"
+        done: set[int] = set()
+        extra = len(rows)
+        shard_error: RowError | None = None
+        for _, sample, error in webdataset.read_shard(shard, self._plan.max_member_bytes):
+            i = by_key.get(sample["__key__"])
+            if i is None and sample["__key__"] is None:  # the shard could not be read on
+                shard_error = error
+                continue
+            if i is None or i in done:  # a sample the Parquet does not list: a row too
+                values = dict.fromkeys(schema.names) | {"key": sample["__key__"]}
+                yield extra, values | {IMG2DATASET_IMAGE: sample[webdataset.IMAGE_COLUMN]}, error
+                extra += 1
+                continue
+            done.add(i)
+            yield i, rows[i] | {IMG2DATASET_IMAGE: sample[webdataset.IMAGE_COLUMN]}, error
+        for i, row in enumerate(rows):
+            if i in done:
+                continue
+            if shard_error is not None and row.get("status") == "success":
+                yield i, row | {IMG2DATASET_IMAGE: None}, shard_error
+                continue
+            upstream = ": ".join(str(row[k]) for k in ("status", "error_message") if row.get(k))
+            message = (
+                f"img2dataset row {i} (key {row.get('key')!r}) is in no sample of "
+                f"{redact_uri(shard)}"
+            )
+            yield (
+                i,
+                row | {IMG2DATASET_IMAGE: None},
+                RowError(ErrorCode.NO_IMAGE, f"{message}: {upstream or 'no status'}"),
+            )
 
 
 #: Longest manifest line read (and longest CSV field); a longer line becomes a
 #: `line_too_long` error row and is skipped in chunks, so memory stays bounded.
 MAX_LINE_BYTES = 16 << 20
 _BAD_LINE = "\x00image-labeler-bad-line\x00"
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order: missing ones null, types cast."""
+    for name in schema.names:  # columns of other files: null here
+        if name not in table.column_names:
+            table = table.append_column(
+                schema.field(name), pa.nulls(len(table), schema.field(name).type)
+            )
+    table = table.select(schema.names)
+    return table if table.schema == schema else table.cast(schema)
 
 
 def _malformed(path: str, line_no: int, problem: str) -> RowError:
@@ -841,9 +992,15 @@ def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
     """
     total = 0
     for path in plan.files:
-        if plan.format == "parquet":
+        if plan.format in ("parquet", "img2dataset"):
             with fsspec.open(path, "rb") as f:
                 total += pq.ParquetFile(f).metadata.num_rows
+            continue
+        if plan.format == "arrow":
+            if _protocol(path) != "file":
+                return None
+            with pa.memory_map(path) as f:  # batch headers only; the data stays on disk
+                total += sum(batch.num_rows for batch in _open_arrow(f))
             continue
         if plan.format == "webdataset":
             # Uncompressed local shards only: count_samples gives None for the others.
