@@ -170,6 +170,13 @@ class JobConfig:
         None, rate, "exit 3 when more than this share of rows failed", "RATE"
     )
     progress: bool = option(True, boolean, "show live progress on local runs", "BOOL")
+    verbose: bool = option(
+        False,
+        boolean,
+        "also print the libraries' logs and progress bars and our INFO lines "
+        "(by default a run prints only its progress, summary, paths, warnings and errors)",
+        switch=True,
+    )
     report: bool = option(
         True,
         boolean,

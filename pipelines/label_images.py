@@ -14,6 +14,10 @@ passed --max-error-rate.
 
 from __future__ import annotations
 
+from pipelines import logs
+
+logs.hold()  # the imports below log through the root logger (see pipelines.logs)
+
 import json
 import logging
 import sys
@@ -63,6 +67,8 @@ from transforms.rows import PREFIX_KEY, RecordFormat
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
 from transforms.spec import LabelingSpec, resolve
 from transforms.spec import metadata as labeling_metadata
+
+logs.release()
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +246,6 @@ def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
     logger.info("Dry run: wrote the translated job to %s", path)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("pipelines", "transforms"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
 def _print_summary(summary: dict[str, Any]) -> None:
     statuses = ", ".join(f"{k} {v}" for k, v in summary["rows_by_status"].items() if v)
     print(
@@ -281,10 +279,11 @@ def run(
             counts its interpreter's start-up as well.
     """
     called_at = time.time()
-    _setup_logging()
+    logs.setup(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, beam_args = load_config(argv)
+        logs.setup(verbose=config.verbose)
         options = PipelineOptions(beam_args)
         # Beam's --dry_run takes a value (--dry_run=True) and keeps it a string.
         dry_run = str(options.get_all_options().get("dry_run")).lower() in ("true", "1", "yes")
@@ -394,7 +393,7 @@ def report_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("output", metavar="OUTPUT_DIR")
     args = parser.parse_args(list(argv))
-    _setup_logging()
+    logs.setup()
     try:
         print(build_report(args.output))
     except FileNotFoundError:
