@@ -55,6 +55,7 @@ from pipelines.resume import (
     SkipCommitted,
     SkipDone,
     check_previous_output,
+    count_skipped,
     previous_format,
 )
 from pipelines.runner import in_process, is_local, make_runner
@@ -335,8 +336,9 @@ def run(
             preload=local and in_process(options),
         )
         total = count_rows(job.plan) if show_progress else None
-        if total is not None:
-            total = max(total - output.resumed_rows, 0)
+        if total is not None:  # the rows this run labels: without resumed or skipped ones
+            skipped = count_skipped(job.plan, job.skip_existing) if job.skip_existing else 0
+            total = None if skipped is None else max(total - output.resumed_rows - skipped, 0)
         try:
             if show_progress:
                 with ProgressPrinter(progress_dir, total) as printer:

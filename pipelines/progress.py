@@ -89,11 +89,16 @@ class Counts:
 
 
 def progress_line(done: int | Counts, total: int | None, elapsed: float, skipped: int = 0) -> str:
-    """E.g. ``"120/400 images (30%) · 35.2 images/s · ETA 8s · failed: not_found 3"``."""
+    """E.g. ``"120/400 images (30%) · 35.2 images/s · ETA 8s · failed: not_found 3"``.
+
+    Args:
+        total: the rows this run labels, known before it starts (rows that
+            `--skip-existing` skips and `--resume` reuses are not in it).
+    """
     counts = done if isinstance(done, Counts) else Counts(done=done, skipped=skipped)
     n = counts.done
     rate = n / elapsed if elapsed > 0 else 0.0
-    remaining = None if total is None else max(total - counts.skipped, 0)
+    remaining = None if total is None else max(total, 0)
     if remaining:
         eta = _format_duration((remaining - n) / rate) if rate > 0 and n < remaining else "-"
         pct = 100.0 * n / remaining

@@ -22,7 +22,7 @@ from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
 from transforms.rows import ImageRow, RecordFormat
-from transforms.sources import InputPlan, with_protocol
+from transforms.sources import InputPlan, read_rows_here, with_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,34 @@ def previous_format(directory: str) -> RecordFormat:
         return RecordFormat()
     with fsspec.open(shards[0], "rb") as f:
         return RecordFormat.of_schema(pq.read_schema(f))
+
+
+def done_uris_here(directory: str, uri_column: str) -> set[Any]:
+    """The URIs with an `ok` row in a previous output, read in this process
+    (`ReadDoneUris` reads them in the pipeline)."""
+    status = previous_format(directory).name("status")
+    done: set[Any] = set()
+    for shard in previous_shards(directory):
+        with fsspec.open(shard, "rb") as f:
+            table = pq.read_table(f, columns=[uri_column, status])
+        uris, statuses = table.column(0).to_pylist(), table.column(1).to_pylist()
+        done.update(u for u, s in zip(uris, statuses, strict=True) if s == Status.OK.value and u)
+    return done
+
+
+def count_skipped(plan: InputPlan, previous: str) -> int | None:
+    """How many input rows `--skip-existing` skips, when cheap to know (else None).
+
+    The rule of `SkipDone`: a row read without error whose URI has an `ok` row
+    in the previous output. For the progress total of local runs, so that the
+    first progress line already counts only the rows to label.
+    """
+    rows = read_rows_here(plan)
+    if rows is None or not plan.uri_column:
+        return None
+    done = done_uris_here(previous, plan.uri_column)
+    column = plan.uri_column
+    return sum(1 for row in rows if row.error is None and row.values.get(column) in done)
 
 
 class ReadDoneUris(beam.PTransform):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_progress_line_shows_failures_by_code_and_skipped_rows() -> None:
     counts = Counts(done=30, skipped=10, failed={"not_found": 2, "timeout": 1})
-    line = progress_line(counts, total=110, elapsed=3.0)
+    line = progress_line(counts, total=100, elapsed=3.0)  # the rows to label, skipped ones out
     assert line.startswith("30/100 images (30%) · 10.0 images/s · ETA 7s")
     assert "skipped 10" in line and "failed: not_found 2, timeout 1" in line
 
@@ -289,7 +289,10 @@ def test_progress_shows_skipped_rows_apart(photo_dir: Path, tiny_vit: Path, tmp_
         ]
     )
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
-    # Four rows in, two reused: two to label, shown apart from the two skipped.
+    # Four rows in, two reused: two to label from the first line on, shown apart from
+    # the two skipped.
+    totals = set(re.findall(r"\d+/(\d+) images", proc.stderr))
+    assert totals == {"2"}, proc.stderr
     assert "2/2 images (100%)" in proc.stderr and "skipped 2" in proc.stderr
 
 

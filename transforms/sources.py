@@ -983,6 +983,26 @@ class ReadImageRows(beam.PTransform):
         return rows | "SpreadRows" >> beam.Reshuffle()
 
 
+def read_rows_here(plan: InputPlan, max_bytes: int = 256 << 20) -> Iterator[ImageRow] | None:
+    """The planned input's rows, read in this process when that is cheap: local
+    files of at most `max_bytes` in all. None otherwise."""
+    size = 0
+    for path in plan.files:
+        if _protocol(path) != "file":
+            return None
+        size += fsspec.filesystem("file").size(path)
+    if size > max_bytes:
+        return None
+
+    def rows() -> Iterator[ImageRow]:
+        split, read = _SplitUnits(plan), _ReadRows(plan)
+        for item in enumerate(plan.files):
+            for unit in split.process(item):
+                yield from read.process(unit)
+
+    return rows()
+
+
 def count_rows(plan: InputPlan, max_bytes: int = 256 << 20) -> int | None:
     """Row count for progress, when it is cheap to know; None otherwise.
 
