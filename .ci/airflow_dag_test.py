@@ -47,7 +47,7 @@ def run_once() -> list[str]:
     assert parts == sorted(summary["output_files"]), (names, summary["output_files"])
     assert sorted(set(names) - set(parts)) == ["__label_images__"], names
     meta = sorted(os.listdir(os.path.join(out, "__label_images__")))
-    assert meta == ["report.html", "summary.json"], meta
+    assert meta == ["labels.json", "report.html", "summary.json"], meta
     return names
 
 

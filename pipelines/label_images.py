@@ -66,7 +66,7 @@ from transforms.label_set import LabelSetError
 from transforms.models import ModelLoadError
 from transforms.rows import PREFIX_KEY, RecordFormat
 from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
-from transforms.spec import LabelingSpec, resolve
+from transforms.spec import LabelingSpec, model_labels, resolve
 from transforms.spec import metadata as labeling_metadata
 
 logs.release()
@@ -209,6 +209,7 @@ def add_to_pipeline(
                 started_at,
                 {**job.config.to_dict(), "effective": job.labeling.effective()},
                 steady_from=time.time(),
+                labels=model_labels(job.labeling),
             ),
             **side_inputs,
         )
@@ -411,6 +412,10 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["report"]:
         sys.exit(report_main(argv[1:]))
+    if argv[:1] == ["export"]:
+        from pipelines import export
+
+        sys.exit(export.main(argv[1:]))
     sys.exit(run(argv, started_at=process_started_at()))
 
 

@@ -63,6 +63,8 @@ SHARD_SUFFIX = ".parquet"
 META_DIR = "__label_images__"
 SUMMARY_FILE = f"{META_DIR}/summary.json"
 REPORT_FILE = f"{META_DIR}/report.html"
+#: Every label the model can give, in its order (`label-images export` reads it).
+LABELS_FILE = f"{META_DIR}/labels.json"
 #: Where summary.json and report.html lay before the output became a dataset:
 #: still read (`label-images report`), and removed by `--overwrite`.
 LEGACY_FILES = ("summary.json", "report.html")
@@ -471,11 +473,13 @@ class WriteSummary(beam.DoFn):
         started_at: float,
         config: Mapping[str, Any],
         steady_from: float | None = None,
+        labels: Sequence[str] = (),
     ) -> None:
         self._plan = plan
         self._started_at = started_at
         self._steady_from = steady_from
         self._config = dict(config)
+        self._labels = list(labels)
 
     def process(
         self,
@@ -501,6 +505,8 @@ class WriteSummary(beam.DoFn):
             config=self._config,
         )
         fs, path = _fs(self._plan.directory)
+        labels = json.dumps({"labels": self._labels}, ensure_ascii=False).encode("utf-8")
+        write_atomic(fs, _join(path, LABELS_FILE), lambda f: f.write(labels))
         text = json.dumps(summary, indent=2, sort_keys=False, default=str).encode("utf-8")
         write_atomic(fs, _join(path, SUMMARY_FILE), lambda f: f.write(text))
         # Everything else of ours goes: parts no successful bundle reported
@@ -510,9 +516,9 @@ class WriteSummary(beam.DoFn):
         for name in list_ours(self._plan.directory):
             if name not in keep:
                 fs.rm(_join(path, name), recursive=True)
-        summary_name = posixpath.basename(SUMMARY_FILE)
+        written = {posixpath.basename(SUMMARY_FILE), posixpath.basename(LABELS_FILE)}
         for name in _listing(fs, _join(path, META_DIR)):
-            if name != summary_name:
+            if name not in written:
                 fs.rm(_join(path, f"{META_DIR}/{name}"), recursive=True)
         if fs.exists(_join(path, RUN_MARKER)):
             fs.rm(_join(path, RUN_MARKER))

@@ -397,3 +397,37 @@ def run_cli(args: list[str], timeout: float = 300) -> Any:
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(args: list[str]) -> Any:
+    """`python -m pipelines.label_images ARGS --progress false` started in a fresh process
+    and session (kill -9 of its group takes the worker processes too); the Popen."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.label_images", *args, "--progress", "false"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill_when_committed(out: Path, parts: int, job: Any, timeout_s: float = 120) -> None:
+    """kill -9 a `start_cli` job (its whole process group) once `out` holds `parts`
+    committed part files."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(list(out.glob("part-*.parquet"))) < parts:
+            assert job.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no part file was committed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()

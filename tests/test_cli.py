@@ -196,6 +196,7 @@ def test_overwrite_semantics(tiny_vit: Path, photo_dir: Path, tmp_path: Path) ->
     # The old shards are gone; the new run's one shard, summary and report are there.
     assert len(names) == 3 and names[:2] == ["__label_images__", "notes.txt"], names
     assert sorted(p.name for p in (out / "__label_images__").iterdir()) == [
+        "labels.json",
         "report.html",
         "summary.json",
     ]

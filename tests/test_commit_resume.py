@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
 from pipelines.output import REPORT_FILE, SUMMARY_FILE
 from pipelines.preflight import normalized
-from tests.conftest import read_output, run_cli, run_job
+from tests.conftest import kill_when_committed, read_output, run_cli, run_job, start_cli
 from tests.http_server import serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,18 +94,6 @@ def test_parts_are_committed_as_the_run_goes(
     assert {r["source_file"] for r in rows} == {str(manifest)}
 
 
-def _job(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.label_images", *args, "--progress", "false"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # kill -9 takes the worker processes too
-    )
-
-
 @pytest.fixture(scope="module")
 def many_images(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A manifest of 300 image rows (real photos, repeated), a few of them failing."""
@@ -143,16 +129,7 @@ def test_resume_after_kill_9_ends_with_every_row_exactly_once(
         "--direct_running_mode",
         mode,
     ]
-    job = _job(args)
-    deadline = time.monotonic() + 120
-    try:
-        while len(_parts(out)) < 3:
-            assert job.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no part file was committed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    kill_when_committed(out, 3, start_cli(args))
     assert not (out / SUMMARY_FILE).exists()
     committed = [p for p in _parts(out)]
     before = sum(pq.ParquetFile(p).metadata.num_rows for p in committed)
@@ -182,7 +159,7 @@ def test_overwrite_keeps_the_previous_output_until_it_commits(
     assert run_job(["--input", str(manifest), "--output", str(out), "--model", str(tiny_vit)]) == 0
     old = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert SUMMARY_FILE in old and REPORT_FILE in old
-    job = _job(
+    job = start_cli(
         [
             "--input",
             str(many_images),
@@ -197,14 +174,7 @@ def test_overwrite_keeps_the_previous_output_until_it_commits(
             "1",
         ]
     )
-    deadline = time.monotonic() + 120
-    try:
-        while len(_parts(out)) < len([n for n in old if n.startswith("part-")]) + 2:
-            assert job.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    kill_when_committed(out, len([n for n in old if n.startswith("part-")]) + 2, job)
     for name, data in old.items():  # the complete previous output is untouched
         assert (out / name).read_bytes() == data
     code = run_job(

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import export
 from pipelines.label_images import EXIT_OK
 from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, run_job
@@ -174,6 +175,12 @@ def test_img2dataset_folder_labels_every_row_with_failures_as_error_rows(
     assert _same_labels(rows, reference_by_key, "key") == 5
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["rows_in"] == summary["rows_out"] == 6
+    # For review in Label Studio its rows point at their source URLs.
+    assert export.main(["label-studio", str(out), "--to", str(tmp_path / "ls")]) == 0
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert sorted(t["data"]["image"] for t in tasks) == sorted(
+        r["url"] for r in rows if r["label_status"] == "ok"
+    )
 
 
 # ---- Hugging Face datasets -------------------------------------------------------------

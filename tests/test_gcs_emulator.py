@@ -80,7 +80,7 @@ def test_full_job_on_gcs(
     assert len(names) == 2 and names[0] == "__label_images__", names
     assert names[1].startswith("part-") and names[1].endswith("-00000-of-00001.parquet")
     meta = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{path}/__label_images__", detail=False))
-    assert meta == ["report.html", "summary.json"], meta
+    assert meta == ["labels.json", "report.html", "summary.json"], meta
 
 
 def test_missing_gcs_manifest_is_a_clear_error(

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from pipelines.output import (
     file_mode,
     write_atomic,
 )
-from tests.conftest import read_output, run_cli, run_job
+from tests.conftest import kill_when_committed, read_output, run_cli, run_job, start_cli
 from tests.faults import FailingCommits, RetryingRunner, committed_ever
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,30 +326,6 @@ def _plain_format() -> Any:
     return RecordFormat(source=True)
 
 
-def _job(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.label_images", *args, "--progress", "false"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,  # kill -9 takes the worker processes too
-    )
-
-
-def _kill_when(out: Path, parts: int, job: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    try:
-        while len(_parts(out)) < parts:
-            assert job.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no part file was committed"
-            time.sleep(0.02)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-
-
 @pytest.mark.slow
 def test_repeated_kill_9_then_resume_ends_with_the_rows_of_an_uninterrupted_run(
     manifest: Path, tiny_vit: Path, reference: Path, tmp_path: Path
@@ -359,9 +333,9 @@ def test_repeated_kill_9_then_resume_ends_with_the_rows_of_an_uninterrupted_run(
     out = tmp_path / "out"
     args = _args(manifest, out, tiny_vit, "--commit-every", "2", "--batch-size", "1")
     args += ["--decode-threads", "1"]
-    _kill_when(out, 2, _job(args))
+    kill_when_committed(out, 2, start_cli(args))
     first = {p.name for p in _parts(out)}
-    _kill_when(out, len(first) + 2, _job([*args, "--resume"]))
+    kill_when_committed(out, len(first) + 2, start_cli([*args, "--resume"]))
     second = {p.name for p in _parts(out)}
     assert first < second and not (out / SUMMARY_FILE).exists()
     done = run_cli([*args, "--resume", "--progress", "false"])

@@ -521,6 +521,15 @@ def resolve(
     return resolved
 
 
+def model_labels(spec: LabelingSpec) -> list[str]:
+    """Every label a resolved spec can give, in the model's order (candidate
+    labels for zero-shot, `id2label` for a classifier)."""
+    if spec.task == ZERO_SHOT:
+        return list(spec.label_set.labels)
+    id2label = model_facts(spec.model_spec).id2label
+    return [id2label[i] for i in sorted(id2label)]
+
+
 def metadata(spec: LabelingSpec) -> dict[str, str]:
     """Parquet key-value metadata that describes how a resolved spec labels."""
     from transforms import __version__
