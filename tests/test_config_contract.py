@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.config import RENAMED, JobConfig, all_options, load_config
+from pipelines.config import RENAMED, JobConfig, all_options, build_arg_parser, load_config
 from pipelines.label_images import EXIT_BAD_CONFIG, run
 from pipelines.output import SUMMARY_FILE
 from transforms.options import ConfigError, OptionInfo, default_of, flag
@@ -57,6 +57,7 @@ def _yaml(tmp_path: Path, values: dict[str, Any]) -> list[str]:
 
 
 OPTIONS = list(all_options())
+HELP = " ".join(build_arg_parser().format_help().split())
 
 
 @pytest.mark.parametrize(("name", "info", "cls"), OPTIONS, ids=[o[0] for o in OPTIONS])
@@ -77,7 +78,8 @@ def test_every_option_has_one_default_everywhere(
             value = list(default) if isinstance(default, tuple) else default
             config, _ = load_config(_yaml(tmp_path, {name: value}) + BASE)
             assert getattr(config.labeling, name) == default
-    assert info.help and name in {n for n, _, _ in all_options()}
+    # The flag and its help come from the same field.
+    assert info.help and flag(name) in HELP and " ".join(info.help.split())[:30] in HELP
 
 
 @pytest.mark.parametrize(("name", "info", "cls"), OPTIONS, ids=[o[0] for o in OPTIONS])

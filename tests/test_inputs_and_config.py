@@ -206,12 +206,6 @@ def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
         load_config(["--config", str(cfg)])
 
 
-def test_shipped_configs_load() -> None:
-    for cfg in sorted(Path("configs").glob("*.yaml")):
-        config, _ = load_config(["--config", str(cfg), "--input", "i", "--output", "o"])
-        assert config.config == str(cfg)
-
-
 def test_candidate_labels_from_flag_and_yaml(tmp_path: Path) -> None:
     base = [
         "--input",
