@@ -128,9 +128,14 @@ def has_gcs_credentials() -> bool:
         return bool(
             _metadata.ping(auth_requests.Request(), timeout=METADATA_PING_TIMEOUT_S, retry_count=1)
         )
-    except Exception:  # google-auth internals moved: let gcsfs decide later
-        logger.debug("could not check for Google Cloud credentials", exc_info=True)
-        return True
+    except Exception as e:  # e.g. google-auth internals moved: refuse, saying why
+        logger.warning(
+            "Could not check for Google Cloud credentials (%s: %s); treating them as "
+            "missing (--no_auth skips the check)",
+            type(e).__name__,
+            e,
+        )
+        return False
 
 
 def check_gcs_credentials(name: str) -> None:

@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 
 from pipelines.output import REPORT_FILE, SUMMARY_FILE, _fs, _join, read_summary, write_atomic
 from transforms.errors import redact_uri
+from transforms.fetch import FetchOptions
 from transforms.rows import RecordFormat
+from transforms.spec import FETCH_FIELDS, LabelingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +130,20 @@ def _embedded_image(path: str, index: int, column: str) -> bytes | None:
     return None
 
 
-def _thumbnail(row: _Row, image_column: str | None) -> str | None:
+def fetch_options(config: dict[str, Any]) -> FetchOptions:
+    """The fetch options a run used (scheme allow-list, address guard, deadline,
+    retries, size limit), rebuilt from its summary's config: the report's
+    thumbnail fetches are governed by them too."""
+    # Only the fetch settings: the rest (the model) would be checked for nothing.
+    return LabelingSpec(**{k: config[k] for k in FETCH_FIELDS if k in config}).fetch
+
+
+def _thumbnail(row: _Row, image_column: str | None, fetch: FetchOptions) -> str | None:
     """A small JPEG data URI of the row's image, or None when it cannot be had."""
     from PIL import Image
 
     from transforms.decode import decode_image
-    from transforms.fetch import FetchOptions, fetch_bytes
+    from transforms.fetch import fetch_bytes
     from transforms.sources import resolve_uri
 
     try:
@@ -142,7 +152,7 @@ def _thumbnail(row: _Row, image_column: str | None) -> str | None:
             data = _embedded_image(row.source_file, row.source_row, image_column)
         if data is None and row.uri:
             base = posixpath.dirname(row.source_file or "")
-            data = fetch_bytes(resolve_uri(row.uri, base), FetchOptions(timeout_s=10, retries=0))
+            data = fetch_bytes(resolve_uri(row.uri, base), fetch)
         if not data:
             return None
         image = decode_image(data, draft_side=THUMB_SIDE)
@@ -199,8 +209,8 @@ def _histogram(bins: list[int]) -> str:
     )
 
 
-def _figure(row: _Row, image_column: str | None) -> str:
-    src = _thumbnail(row, image_column)
+def _figure(row: _Row, image_column: str | None, fetch: FetchOptions) -> str:
+    src = _thumbnail(row, image_column, fetch)
     image = (
         f'<img src="{src}" alt="{html.escape(row.label)}">'
         if src
@@ -225,8 +235,14 @@ figcaption{font-size:12px;word-break:break-all}.pair{display:flex;gap:24px}
 """
 
 
-def render(summary: dict[str, Any], stats: _Stats, image_column: str | None) -> str:
+def render(
+    summary: dict[str, Any],
+    stats: _Stats,
+    image_column: str | None,
+    fetch: FetchOptions | None = None,
+) -> str:
     config = summary.get("config", {})
+    fetch = fetch or fetch_options(config)
     effective = config.get("effective", {})
     meta = [
         ("model", config.get("model")),
@@ -267,15 +283,17 @@ def render(summary: dict[str, Any], stats: _Stats, image_column: str | None) -> 
         worst = [r for _, _, r in sorted(stats.worst[label], key=lambda t: -t[0])]
         parts.append(f"<h3>{html.escape(label)} <span class=muted>({count})</span></h3>")
         parts.append('<div class="pair"><div><div class=muted>highest</div><div class="grid">')
-        parts += [_figure(r, image_column) for r in best]
+        parts += [_figure(r, image_column, fetch) for r in best]
         parts.append('</div></div><div><div class=muted>lowest</div><div class="grid">')
-        parts += [_figure(r, image_column) for r in worst]
+        parts += [_figure(r, image_column, fetch) for r in worst]
         parts.append("</div></div></div>")
     parts.append('</section><section id="low-confidence"><h2>Least confident rows</h2>')
     low = [r for _, _, r in sorted(stats.low, key=lambda t: -t[0])]
     parts.append('<div class="grid">')
     parts += [
-        _figure(r, image_column).replace("<figcaption>", f"<figcaption>{html.escape(r.label)}: ", 1)
+        _figure(r, image_column, fetch).replace(
+            "<figcaption>", f"<figcaption>{html.escape(r.label)}: ", 1
+        )
         for r in low
     ]
     parts.append('</div></section><section id="failures"><h2>Failures by error code</h2>')

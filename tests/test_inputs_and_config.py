@@ -260,3 +260,22 @@ def test_candidate_labels_from_flag_and_yaml(tmp_path: Path) -> None:
 def test_zero_shot_flag_conflicts(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(["--input", "i", "--output", "o", *argv])
+
+
+def test_credentials_probe_fails_closed_saying_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from google.auth import _cloud_sdk
+
+    from pipelines import preflight
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+
+    def moved() -> str:
+        raise AttributeError("no such helper in this google-auth")
+
+    monkeypatch.setattr(_cloud_sdk, "get_application_default_credentials_path", moved)
+    with caplog.at_level("WARNING", logger="pipelines.preflight"):
+        assert preflight.has_gcs_credentials() is False
+    assert "no such helper" in caplog.text and "--no_auth" in caplog.text

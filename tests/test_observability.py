@@ -313,3 +313,32 @@ def test_report_thumbnails_of_embedded_images(
     examples = page.split('id="examples"', 1)[1].split('id="low-confidence"', 1)[0]
     assert examples.count('src="data:image/jpeg;base64,') >= len(photos)
     assert "no image" not in examples
+
+
+@pytest.mark.slow
+def test_report_thumbnails_follow_the_runs_fetch_settings(
+    photo_dir: Path, tiny_vit: Path, tmp_path: Path
+) -> None:
+    """The report fetches thumbnails with the run's options: its allowed schemes and
+    address guard govern those fetches too."""
+    from pipelines.output import SUMMARY_FILE
+    from tests.http_server import serve
+
+    images = {p.name: p.read_bytes() for p in sorted(photo_dir.glob("*.jpg"))}
+    with serve(images) as server:
+        host, port = server.server_address[:2]
+        manifest = tmp_path / "urls.txt"
+        manifest.write_text("".join(f"http://{host!s}:{port}/img/{n}\n" for n in images))
+        out = tmp_path / "out"
+        assert (
+            run_job(["--input", str(manifest), "--output", str(out), "--model", str(tiny_vit)]) == 0
+        )
+        page = (out / REPORT_FILE).read_text()
+        assert page.count('src="data:image/jpeg;base64,') >= len(images)
+        fetched = sum(server.hits.values())
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        summary["config"]["allowed_schemes"] = ["file"]  # as if run with --allowed-schemes file
+        (out / SUMMARY_FILE).write_text(json.dumps(summary))
+        assert report_main([str(out)]) == EXIT_OK
+        assert sum(server.hits.values()) == fetched  # no thumbnail fetch left the allow-list
+    assert 'src="data:image/jpeg;base64,' not in (out / REPORT_FILE).read_text()

@@ -17,10 +17,10 @@ from PIL import Image
 
 from tests.conftest import real_thumbnails, zero_shot_handler
 from transforms.label import LabelImageRows
+from transforms.label_set import LabelSet, LabelSetError
 from transforms.models import ModelSpec
 from transforms.preprocess import ImagePreprocessor
 from transforms.rows import ImageRow, Prediction
-from transforms.zero_shot import LabelSet, LabelSetError
 
 LABELS = ("cat", "dog", "car", "coffee cup", "rocket", "astronaut")
 

@@ -333,8 +333,9 @@ class LabelImageRows(beam.PTransform):
 
     Example::
 
-        handler = ImageClassificationModelHandler(ModelSpec("default"), top_k=5)
-        records = rows | LabelImageRows(handler, ImagePreprocessor(ModelSpec("default")))
+        spec = resolve(LabelingSpec(model="default", top_k=5))
+        handler = ImageClassificationModelHandler(spec)
+        records = rows | LabelImageRows(handler, ImagePreprocessor(spec.model_spec))
 
     Args:
         handler: the model handler (image or zero-shot classification).

@@ -35,7 +35,6 @@ class OptionInfo:
         repeatable: the flag may be given several times (a list).
         path: a file or directory path; a YAML config's relative value resolves
             against the config file's folder.
-        yaml_only / flag_only: where the option may be given.
     """
 
     parse: Callable[[Any], Any]
@@ -44,7 +43,6 @@ class OptionInfo:
     switch: bool = False
     repeatable: bool = False
     path: bool = False
-    flag_only: bool = False
 
 
 def option(
@@ -56,10 +54,9 @@ def option(
     switch: bool = False,
     repeatable: bool = False,
     path: bool = False,
-    flag_only: bool = False,
 ) -> Any:
     """A dataclass field that is a job option (see `OptionInfo`)."""
-    info = OptionInfo(parse, help, metavar, switch, repeatable, path, flag_only)
+    info = OptionInfo(parse, help, metavar, switch, repeatable, path)
     return dataclasses.field(default=default, metadata={OPTION: info})
 
 

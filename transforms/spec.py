@@ -66,6 +66,19 @@ QUANTIZATIONS = ("none", "int8")
 FUNCTIONS = tuple(f.value for f in ClassificationFunction)
 
 
+#: The `LabelingSpec` fields `LabelingSpec.fetch` is made of (the report rebuilds a
+#: run's fetch options from them).
+FETCH_FIELDS = (
+    "allowed_schemes",
+    "fetch_timeout",
+    "max_image_bytes",
+    "fetch_retries",
+    "fetch_concurrency",
+    "fetch_per_host",
+    "block_private_networks",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LabelingSpec:
     """Everything that decides how an image is fetched, decoded and labeled.
@@ -246,6 +259,7 @@ class LabelingSpec:
 
     @property
     def fetch(self) -> FetchOptions:
+        """The fetch options of these settings (the `FETCH_FIELDS`)."""
         return FetchOptions(
             allowed_schemes=self.allowed_schemes,
             timeout_s=self.fetch_timeout,

@@ -24,12 +24,7 @@ import numpy as np
 
 from transforms.compiled import CompiledForward
 from transforms.handler_base import TorchHandlerBase, batch_to_device
-from transforms.label_set import (  # noqa: F401 - re-exported
-    DEFAULT_HYPOTHESIS_TEMPLATE,
-    LabelSet,
-    LabelSetError,
-    is_sigmoid_family,
-)
+from transforms.label_set import LabelSet, is_sigmoid_family
 from transforms.models import (
     explain_load_error,
     from_pretrained_kwargs,
