@@ -372,13 +372,13 @@ def test_start_is_the_interpreters_even_when_exec_d_after_a_shell_chain() -> Non
     probe = (
         "import time, pipelines.clock as c; print(round(time.time() - c.process_started_at(), 3))"
     )
-    shell = f"sleep 1.5 && exec {sys.executable} -c '{probe}'"
+    shell = f"sleep 1.2 && exec {sys.executable} -c '{probe}'"
     chained = subprocess.run(
         ["bash", "-c", shell], capture_output=True, text=True, cwd=REPO, check=True
     )
     direct = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True
     )
-    # The kernel's start of the exec'd process is the shell's, 1.5 s earlier.
+    # The kernel's start of the exec'd process is the shell's, 1.2 s earlier.
     assert float(chained.stdout) < 1.0, chained.stdout
     assert 0 < float(direct.stdout) < 1.0, direct.stdout
