@@ -215,13 +215,15 @@ def _part_keys(
     """The rows of one part file as int64 keys: source file id (`ids`) and source row."""
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=list(columns))
-    files = table.column(0).combine_chunks().dictionary_encode()
-    file_ids = np.array([ids.setdefault(v, len(ids)) for v in files.dictionary.to_pylist()])
-    index = files.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    rows = table.column(1).fill_null(-1).to_numpy().astype(np.int64)
-    if not len(file_ids):  # an empty part
+    if not table.num_rows:
         return np.empty(0, dtype=np.int64)
-    return (file_ids.astype(np.int64)[index] << 40) + rows
+    files = table.column(0).fill_null("").combine_chunks().dictionary_encode()
+    file_ids = np.array(
+        [ids.setdefault(v, len(ids)) for v in files.dictionary.to_pylist()], dtype=np.int64
+    )
+    index = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = table.column(1).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return (file_ids[index] << 40) + rows
 
 
 def dedupe_parts(
