@@ -50,13 +50,13 @@ from pipelines.report import build_report
 from pipelines.resume import (
     IDENTITY_KEYS,
     SKIPPED_TAG,
+    PreviousOutput,
     ReadCommitted,
     ReadDoneUris,
     SkipCommitted,
     SkipDone,
     check_previous_output,
     count_skipped,
-    previous_format,
 )
 from pipelines.runner import in_process, is_local, make_runner
 from transforms.allocator import tune_malloc
@@ -87,7 +87,7 @@ class Job:
     plan: InputPlan
     schema: pa.Schema
     labeling: LabelingSpec
-    skip_existing: str | None = None  # previous output dir whose ok rows are skipped
+    skip_existing: PreviousOutput | None = None  # the output whose ok rows are skipped
     record_format: RecordFormat = RecordFormat(source=True)
 
 
@@ -164,7 +164,7 @@ def add_to_pipeline(
     skipped_count = None
     if job.skip_existing:
         done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(
-            job.skip_existing, job.plan.uri_column or "", previous_format(job.skip_existing)
+            job.skip_existing, job.plan.uri_column or ""
         )
         split = rows | "SkipExisting" >> beam.ParDo(
             SkipDone(job.plan.uri_column or ""), done=beam.pvalue.AsSingleton(done)
@@ -281,7 +281,7 @@ def run(
             counts its interpreter's start-up as well.
     """
     called_at = time.time()
-    logs.setup(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
+    logs.setup()  # quiet until the flags say otherwise
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, beam_args = load_config(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -42,9 +43,22 @@ def previous_shards(directory: str) -> list[str]:
     return [with_protocol(directory, p) for p in sorted(fs.glob(pattern))]
 
 
+@dataclass(frozen=True)
+class PreviousOutput:
+    """A previous output whose `ok` rows `--skip-existing` skips.
+
+    Attributes:
+        directory: the output directory.
+        status_column: its row-status column, as its own record format names it.
+    """
+
+    directory: str
+    status_column: str
+
+
 def check_previous_output(
     config: JobConfig, plan: InputPlan, metadata: Mapping[str, str]
-) -> str | None:
+) -> PreviousOutput | None:
     """Validate `--skip-existing` at build time; None when nothing can be reused.
 
     Raises:
@@ -73,32 +87,22 @@ def check_previous_output(
             ", ".join(f"{k.split('.', 1)[1]} ({found.get(k, '')!r})" for k in different),
         )
         return None
-    return previous
+    return PreviousOutput(previous, status)
 
 
-def previous_format(directory: str) -> RecordFormat:
-    """The record format of a previous output (its `--output-prefix`), from its schema."""
-    shards = previous_shards(directory)
-    if not shards:
-        return RecordFormat()
-    with fsspec.open(shards[0], "rb") as f:
-        return RecordFormat.of_schema(pq.read_schema(f))
-
-
-def done_uris_here(directory: str, uri_column: str) -> set[Any]:
+def done_uris_here(previous: PreviousOutput, uri_column: str) -> set[Any]:
     """The URIs with an `ok` row in a previous output, read in this process
     (`ReadDoneUris` reads them in the pipeline)."""
-    status = previous_format(directory).name("status")
     done: set[Any] = set()
-    for shard in previous_shards(directory):
+    for shard in previous_shards(previous.directory):
         with fsspec.open(shard, "rb") as f:
-            table = pq.read_table(f, columns=[uri_column, status])
+            table = pq.read_table(f, columns=[uri_column, previous.status_column])
         uris, statuses = table.column(0).to_pylist(), table.column(1).to_pylist()
         done.update(u for u, s in zip(uris, statuses, strict=True) if s == Status.OK.value and u)
     return done
 
 
-def count_skipped(plan: InputPlan, previous: str) -> int | None:
+def count_skipped(plan: InputPlan, previous: PreviousOutput) -> int | None:
     """How many input rows `--skip-existing` skips, when cheap to know (else None).
 
     The rule of `SkipDone`: a row read without error whose URI has an `ok` row
@@ -117,16 +121,15 @@ class ReadDoneUris(beam.PTransform):
     """The set of URIs with an `ok` row in a previous output (one element).
 
     Args:
-        directory: the previous output.
+        previous: the previous output.
         uri_column: the input's URI column (the user's own, never prefixed).
-        fmt: the previous output's record format, which names its status column.
     """
 
-    def __init__(self, directory: str, uri_column: str, fmt: RecordFormat) -> None:
+    def __init__(self, previous: PreviousOutput, uri_column: str) -> None:
         super().__init__()
-        self._directory = directory
+        self._directory = previous.directory
         self._uri_column = uri_column
-        self._status = fmt.name("status")
+        self._status = previous.status_column
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         uri_column, status = self._uri_column, self._status
