@@ -24,7 +24,7 @@ COPY configs ./configs
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" ".[gcp]"
 
 # Convert the default model once, at build time, so workers start labeling at once.
-RUN python -c "from transforms.default_model import default_model_dir; print(default_model_dir())"
+RUN python -c "from transforms.model.default_model import default_model_dir; print(default_model_dir())"
 
 # The Beam SDK harness stays the entry point.
 ENTRYPOINT ["/opt/apache/beam/boot"]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
-from transforms.default_model import cache_root  # noqa: E402
+from transforms.model.default_model import cache_root  # noqa: E402
 
 _FORWARD = r"""
 import sys, time, torch
@@ -31,7 +31,7 @@ from transforms.allocator import tune_malloc
 if sys.argv[1] == "on":
     assert tune_malloc()
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
-from transforms.image_classification import streamline_classifier
+from transforms.model.image_classification import streamline_classifier
 torch.manual_seed(0)
 model = MobileNetV2ForImageClassification(MobileNetV2Config()).eval()
 streamline_classifier(model, "cpu")

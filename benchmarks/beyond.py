@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
-from transforms.default_model import cache_root  # noqa: E402
+from transforms.model.default_model import cache_root  # noqa: E402
 
 
 def write_shards(paths: list[Path], directory: Path, shard_size: int) -> str:

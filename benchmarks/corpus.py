@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from transforms.default_model import cache_root
+from transforms.model.default_model import cache_root
 
 SOURCES = (
     "astronaut",

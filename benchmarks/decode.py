@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import describe_machine, run_cli_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
-from transforms.default_model import cache_root, default_model_dir  # noqa: E402
+from transforms.model.default_model import cache_root, default_model_dir  # noqa: E402
 
 Labels = dict[str, tuple[list[str], list[float]]]
 

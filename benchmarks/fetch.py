@@ -26,11 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import describe_machine, table  # noqa: E402
 from benchmarks.corpus import build_corpus  # noqa: E402
 from tests.http_server import serve_in_subprocess  # noqa: E402
-from transforms.decode import decode_image  # noqa: E402
-from transforms.fetch import FetchOptions  # noqa: E402
+from transforms.images.decode import decode_image  # noqa: E402
+from transforms.images.fetch import FetchOptions  # noqa: E402
 from transforms.label import DecodeOptions, FetchDecodePreprocess  # noqa: E402
-from transforms.models import ModelSpec  # noqa: E402
-from transforms.preprocess import ImagePreprocessor  # noqa: E402
+from transforms.model.loading import ModelSpec  # noqa: E402
+from transforms.model.preprocess import ImagePreprocessor  # noqa: E402
 from transforms.rows import ImageRow  # noqa: E402
 
 

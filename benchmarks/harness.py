@@ -165,9 +165,9 @@ def child_stage(model_dir: str, manifest: str, fast: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from transforms.api import make_handler
-    from transforms.decode import decode_image
+    from transforms.images.decode import decode_image
     from transforms.label import single_threaded_torch_in_this_thread
-    from transforms.preprocess import ImagePreprocessor
+    from transforms.model.preprocess import ImagePreprocessor
     from transforms.spec import LabelingSpec, resolve
 
     spec = resolve(LabelingSpec(model=model_dir, fast_decode=fast, device="cpu"), local=True)
@@ -210,9 +210,9 @@ def child_forward(name: str, model_dir: str, manifest: str, impl: str) -> None:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from transforms.decode import decode_image
-    from transforms.models import ModelSpec
-    from transforms.preprocess import ImagePreprocessor
+    from transforms.images.decode import decode_image
+    from transforms.model.loading import ModelSpec
+    from transforms.model.preprocess import ImagePreprocessor
 
     pre = ImagePreprocessor(ModelSpec(model_dir))
     pre.setup()
@@ -258,9 +258,9 @@ def child_clip_forward(model_dir: str, manifest: str) -> None:
     import torch
     from transformers import AutoModel
 
-    from transforms.decode import decode_image
-    from transforms.models import ModelSpec
-    from transforms.preprocess import ImagePreprocessor
+    from transforms.images.decode import decode_image
+    from transforms.model.loading import ModelSpec
+    from transforms.model.preprocess import ImagePreprocessor
 
     pre = ImagePreprocessor(ModelSpec(model_dir))
     pre.setup()
@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     from benchmarks.common import describe_machine
-    from transforms.default_model import cache_root
+    from transforms.model.default_model import cache_root
 
     root = cache_root() / "bench"
     root.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from benchmarks.common import describe_machine, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from pipelines.output import SUMMARY_FILE  # noqa: E402
-from transforms.default_model import cache_root  # noqa: E402
+from transforms.model.default_model import cache_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_model(name: str, directory: Path) -> str:
     """A model directory for `name` ("default" is the converted EfficientNet-Lite0)."""
     if name == "default":
-        from transforms.default_model import default_model_dir
+        from transforms.model.default_model import default_model_dir
 
         return str(default_model_dir())
     target = directory / name
@@ -196,18 +196,18 @@ def run_forward(
     import torch
     from transformers import AutoModelForImageClassification
 
-    from transforms.compiled import CompiledForward
-    from transforms.decode import decode_image
-    from transforms.image_classification import preferred_memory_format
-    from transforms.models import ModelSpec
-    from transforms.preprocess import ImagePreprocessor
+    from transforms.images.decode import decode_image
+    from transforms.model.image_classification import preferred_memory_format
+    from transforms.model.loading import ModelSpec
+    from transforms.model.preprocess import ImagePreprocessor
+    from transforms.model.speedups.compiled import CompiledForward
 
     pre = ImagePreprocessor(ModelSpec(model))
     sample = [decode_image(p.read_bytes(), draft_side=pre.draft_side) for p in paths[:96]]
     pixels = np.stack(pre(sample))
     net = AutoModelForImageClassification.from_pretrained(model).eval()
     if streamlined:
-        from transforms.image_classification import streamline_classifier
+        from transforms.model.image_classification import streamline_classifier
 
         streamline_classifier(net, "cpu")
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())

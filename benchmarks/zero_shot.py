@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from benchmarks.common import describe_machine, fresh_output, run_job, table  # noqa: E402
 from benchmarks.corpus import build_corpus, write_manifest  # noqa: E402
 from pipelines.config import JobConfig  # noqa: E402
-from transforms.default_model import cache_root  # noqa: E402
+from transforms.model.default_model import cache_root  # noqa: E402
 from transforms.spec import LabelingSpec  # noqa: E402
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from transforms import __version__
 from transforms.errors import redact
+from transforms.images.sources import FORMATS
 from transforms.options import (
     ConfigError,
     OptionInfo,
@@ -42,8 +43,8 @@ from transforms.options import (
     rate,
     text,
 )
-from transforms.sources import FORMATS
 from transforms.spec import IMAGE_CLASSIFICATION, TASKS, ZERO_SHOT, LabelingSpec
+from transforms.uri import has_scheme
 
 
 def column_prefix(value: Any) -> str:
@@ -312,9 +313,9 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def _relative_to(value: Any, base: str, *, must_exist: bool = False) -> Any:
     """`value` joined to `base` when it is a relative local path."""
-    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value):
+    if not isinstance(value, str) or not value or has_scheme(value) or os.path.isabs(value):
         return value
-    if "://" in base:
+    if has_scheme(base):
         return posixpath.join(base, value)
     joined = os.path.normpath(os.path.join(base, value))
     if must_exist and not os.path.exists(joined):
@@ -325,7 +326,7 @@ def _relative_to(value: Any, base: str, *, must_exist: bool = False) -> Any:
 def _yaml_values(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Option values and pipeline_options from a YAML mapping, paths made absolute."""
     infos = {name: info for name, info, _ in all_options()}
-    base = posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
+    base = posixpath.dirname(path) if has_scheme(path) else os.path.dirname(os.path.abspath(path))
     values: dict[str, Any] = {}
     pipeline_options: dict[str, Any] = {}
     for raw_key, raw_value in data.items():

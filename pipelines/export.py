@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from pipelines.output import LABELS_FILE, _join, read_summary
 from transforms.errors import Status
 from transforms.rows import RecordFormat
+from transforms.uri import is_remote, strip_file_scheme
 
 #: The names tasks and the config share.
 IMAGE_KEY = "image"
@@ -121,9 +122,9 @@ def image_reference(uri: str, document_root: str) -> str:
     Raises:
         ExportError: a local file outside `document_root`.
     """
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote(uri):
         return uri
-    path = os.path.abspath(uri.removeprefix("file://"))
+    path = os.path.abspath(strip_file_scheme(uri))
     root = os.path.abspath(document_root)
     if os.path.commonpath([path, root]) != root:
         raise ExportError(
@@ -134,7 +135,7 @@ def image_reference(uri: str, document_root: str) -> str:
 
 
 def _image_uri(row: dict[str, Any], output: _Output) -> str | None:
-    from transforms.sources import resolve_uri
+    from transforms.uri import resolve_uri
 
     source = row.get(output.fmt.name("source_file")) or ""
     for column in (output.uri_column, output.image_path_column, *FALLBACK_IMAGE_COLUMNS):

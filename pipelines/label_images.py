@@ -62,10 +62,10 @@ from pipelines.runner import in_process, is_local, make_runner
 from transforms.allocator import tune_malloc
 from transforms.api import LabelImages
 from transforms.errors import redact, redact_uri
-from transforms.label_set import LabelSetError
-from transforms.models import ModelLoadError
+from transforms.images.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
+from transforms.model.label_set import LabelSetError
+from transforms.model.loading import ModelLoadError
 from transforms.rows import PREFIX_KEY, RecordFormat
-from transforms.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
 from transforms.spec import LabelingSpec, model_labels, resolve
 from transforms.spec import metadata as labeling_metadata
 

@@ -23,15 +23,12 @@ from apache_beam.options.pipeline_options import (
 from pipelines.config import JobConfig
 from pipelines.runner import is_local
 from transforms.options import ConfigError
+from transforms.uri import has_scheme, is_remote, scheme_of, strip_file_scheme
 
 logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a GCE metadata server when no other credentials exist.
 METADATA_PING_TIMEOUT_S = 1.0
-
-
-def _scheme(path: str) -> str:
-    return path.split("://", 1)[0].lower() if "://" in path else "file"
 
 
 def launcher_paths(config: JobConfig) -> Iterator[tuple[str, str]]:
@@ -46,7 +43,7 @@ def launcher_paths(config: JobConfig) -> Iterator[tuple[str, str]]:
     ):
         if value:
             yield name, value
-    if not spec.model_spec.is_default and "://" in spec.model:
+    if not spec.model_spec.is_default and has_scheme(spec.model):
         yield "--model", spec.model
 
 
@@ -87,7 +84,7 @@ def check_runner(options: PipelineOptions) -> None:
 def check_remote_paths(config: JobConfig) -> None:
     """A job on remote workers cannot read or write this machine's files."""
     for name, path in launcher_paths(config):
-        if name != "--config" and _scheme(path) == "file":
+        if name != "--config" and scheme_of(path) == "file":
             raise ConfigError(
                 f"{name} {path} is a local path, which Dataflow workers cannot see; use a "
                 "gs:// path"
@@ -102,7 +99,7 @@ def check_remote_paths(config: JobConfig) -> None:
 
 def check_filesystems(config: JobConfig, options: PipelineOptions) -> None:
     """The filesystems the paths need are installed and, for gs://, authorized."""
-    schemes = {_scheme(path): f"{name} {path}" for name, path in launcher_paths(config)}
+    schemes = {scheme_of(path): f"{name} {path}" for name, path in launcher_paths(config)}
     if "s3" in schemes and importlib.util.find_spec("s3fs") is None:
         raise ConfigError(f"{schemes['s3']} is an s3:// path, which needs s3fs: pip install s3fs")
     if "gs" in schemes and not options.view_as(GoogleCloudOptions).no_auth:
@@ -158,14 +155,11 @@ def preflight(config: JobConfig, options: PipelineOptions) -> None:
 def normalized(path: str) -> str:
     """A path compared by what it names: symlinks, `.`, `..` and trailing slashes resolved
     locally; for URIs (gs://, s3://) the same normalization of the path part."""
-    if "://" in path and not path.startswith("file://"):
-        scheme, rest = path.split("://", 1)
-        bucket, _, key = rest.partition("/")
+    if is_remote(path):
+        bucket, _, key = path.split("://", 1)[1].partition("/")
         key = posixpath.normpath("/" + key).rstrip("/")
-        return f"{scheme.lower()}://{bucket}{key}"
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+        return f"{scheme_of(path)}://{bucket}{key}"
+    return os.path.realpath(os.path.abspath(os.path.expanduser(strip_file_scheme(path))))
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 
 from pipelines.output import REPORT_FILE, SUMMARY_FILE, _fs, _join, read_summary, write_atomic
 from transforms.errors import redact_uri
-from transforms.fetch import FetchOptions
+from transforms.images.fetch import FetchOptions
 from transforms.rows import RecordFormat
 from transforms.spec import FETCH_FIELDS, LabelingSpec
+from transforms.uri import has_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def _thumbnail(row: _Row, image_column: str | None, fetch: FetchOptions) -> str 
     """A small JPEG data URI of the row's image, or None when it cannot be had."""
     from PIL import Image
 
-    from transforms.decode import decode_image
-    from transforms.fetch import fetch_bytes
-    from transforms.sources import resolve_uri
+    from transforms.images.decode import decode_image
+    from transforms.images.fetch import fetch_bytes
+    from transforms.uri import resolve_uri
 
     try:
         data: bytes | None = None
@@ -332,7 +333,7 @@ def build_report(directory: str) -> str:
     page = render(summary, stats, image_column)
     path = _join(root, REPORT_FILE)
     write_atomic(fs, path, lambda f: f.write(page.encode("utf-8")))
-    return path if "://" not in directory else _join(directory, REPORT_FILE)
+    return _join(directory, REPORT_FILE) if has_scheme(directory) else path
 
 
 __all__ = ["REPORT_FILE", "SUMMARY_FILE", "build_report", "render"]

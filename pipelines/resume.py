@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
+from transforms.images.sources import InputPlan, read_rows_here
 from transforms.rows import ImageRow, RecordFormat
-from transforms.sources import InputPlan, read_rows_here, with_protocol
+from transforms.uri import with_protocol
 
 logger = logging.getLogger(__name__)
 

@@ -350,7 +350,7 @@ def run_job(args: list[str]) -> int:
 
 def classifier_handler(model: Any, **options: Any) -> Any:
     """An image-classification handler on CPU for a model directory, options as the CLI's."""
-    from transforms.image_classification import ImageClassificationModelHandler
+    from transforms.model.image_classification import ImageClassificationModelHandler
     from transforms.spec import LabelingSpec
 
     options.setdefault("device", "cpu")
@@ -366,8 +366,8 @@ def zero_shot_handler(
     **options: Any,
 ) -> Any:
     """A zero-shot handler on CPU for a model directory and candidate labels."""
+    from transforms.model.zero_shot import ZeroShotModelHandler
     from transforms.spec import LabelingSpec
-    from transforms.zero_shot import ZeroShotModelHandler
 
     options.setdefault("device", "cpu")
     if templates is not None:

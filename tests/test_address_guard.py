@@ -30,7 +30,7 @@ from urllib.parse import quote
 from PIL import Image
 from tests.http_server import serve
 from transforms.errors import RowError
-from transforms.fetch import Fetcher, FetchOptions
+from transforms.images.fetch import Fetcher, FetchOptions
 
 NAMES = {
     "metadata.test": "169.254.169.254",

@@ -145,7 +145,7 @@ def test_image_column_errors(
 
 
 def test_big_row_groups_are_read_in_bounded_batches() -> None:
-    from transforms.sources import parquet_batch_rows
+    from transforms.images.sources.tables import parquet_batch_rows
 
     class Group:
         num_rows = 10_000

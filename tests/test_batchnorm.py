@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import classifier_handler, randomize_batchnorms, real_thumbnails
-from transforms.batchnorm import fold_batchnorm
-from transforms.image_classification import ImageClassificationModelHandler, example_input
-from transforms.models import ModelSpec
-from transforms.preprocess import ImagePreprocessor
+from transforms.model.image_classification import ImageClassificationModelHandler, example_input
+from transforms.model.loading import ModelSpec
+from transforms.model.preprocess import ImagePreprocessor
+from transforms.model.speedups.batchnorm import fold_batchnorm
 
 
 def _randomize_stats(model: torch.nn.Module) -> torch.nn.Module:

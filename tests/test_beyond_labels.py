@@ -30,9 +30,9 @@ from PIL import Image
 
 from pipelines.label_images import EXIT_BAD_CONFIG
 from tests.conftest import read_output, run_job
-from transforms.postprocess import top_k_predictions
-from transforms.sources import match_files
-from transforms.webdataset import split_name
+from transforms.images.sources.plan import match_files
+from transforms.images.sources.webdataset import split_name
+from transforms.model.postprocess import top_k_predictions
 
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.png", "rocket.jpg", "camera_gray.png")
 LABELS = ("cat", "coffee cup", "astronaut", "rocket", "dog", "camera")
@@ -134,7 +134,7 @@ def test_embeddings_equal_transformers_and_leave_labels_unchanged(
 
 @pytest.mark.slow
 def test_default_model_embeddings_equal_timm_pre_logits(photo_dir: Path, tmp_path: Path) -> None:
-    from transforms.default_model import default_model_dir
+    from transforms.model.default_model import default_model_dir
 
     out = tmp_path / "out"
     names = ("chelsea.jpg", "coffee.jpg")
@@ -417,7 +417,7 @@ def test_shard_patterns_and_member_names(tmp_path: Path) -> None:
         (tmp_path / f"s-{i:06d}.tar").write_bytes(b"")
     pattern = str(tmp_path / "s-{000000..000002}.tar")
     assert [Path(p).name for p in match_files(pattern)] == [f"s-{i:06d}.tar" for i in range(3)]
-    from transforms.sources import InputError
+    from transforms.images.sources import InputError
 
     with pytest.raises(InputError, match="s-000003.tar does not exist"):
         match_files(str(tmp_path / "s-{000000..000003}.tar"))

@@ -24,9 +24,9 @@ from tests.conftest import (
     run_job,
     zero_shot_handler,
 )
-from transforms.compiled import CompiledForward
-from transforms.models import ModelSpec
-from transforms.preprocess import ImagePreprocessor
+from transforms.model.loading import ModelSpec
+from transforms.model.preprocess import ImagePreprocessor
+from transforms.model.speedups.compiled import CompiledForward
 from transforms.rows import Prediction
 
 TOL = 1e-4
@@ -100,7 +100,7 @@ def test_a_compiler_failure_falls_back_to_eager(
 
     monkeypatch.setattr(torch, "compile", broken)
     forward = CompiledForward(lambda x: x - 1, batch_size=2, background=False)
-    with caplog.at_level(logging.WARNING, logger="transforms.compiled"):
+    with caplog.at_level(logging.WARNING, logger="transforms.model.speedups.compiled"):
         assert torch.equal(forward(torch.ones(2, 2)), torch.zeros(2, 2))
         assert torch.equal(forward(torch.ones(2, 2)), torch.zeros(2, 2))
     assert not forward.ready
@@ -225,7 +225,7 @@ def test_job_with_compile_and_int8_labels_every_row(
     manifest.write_text("\n".join(paths) + "\n")
     common = ["--input", str(manifest), "--model", str(tiny_vit), "--batch-size", "2"]
     assert run_job([*common, "--output", str(tmp_path / "eager")]) == 0
-    with caplog.at_level(logging.INFO, logger="transforms.compiled"):
+    with caplog.at_level(logging.INFO, logger="transforms.model.speedups.compiled"):
         assert run_job([*common, "--output", str(tmp_path / "fast"), "--compile"]) == 0
     assert "The compiled forward pass ran its first batch" in caplog.text
     assert run_job([*common, "--output", str(tmp_path / "int8"), "--quantize", "int8"]) == 0

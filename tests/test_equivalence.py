@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import classifier_handler, real_thumbnails
-from transforms.decode import decode_image
-from transforms.fetch import FetchOptions, fetch_bytes
-from transforms.models import ModelSpec
-from transforms.preprocess import ImagePreprocessor
+from transforms.images.decode import decode_image
+from transforms.images.fetch import FetchOptions, fetch_bytes
+from transforms.model.loading import ModelSpec
+from transforms.model.preprocess import ImagePreprocessor
 from transforms.rows import Prediction
 
 TOL = 1e-4

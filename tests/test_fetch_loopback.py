@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.http_server import FaultServer, serve
 from transforms.errors import ErrorCode, RowError, Status
-from transforms.fetch import Fetcher, FetchOptions, backoff_delay, retry_after_seconds
+from transforms.images.fetch import Fetcher, FetchOptions, backoff_delay, retry_after_seconds
 
 
 def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:

@@ -31,16 +31,17 @@ from PIL import Image
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
 from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, real_photo, run_job
-from transforms import sources
-from transforms.decode import decode_image
 from transforms.errors import ErrorCode, RowError
-from transforms.fetch import FetchOptions, fetch_bytes
-from transforms.sources import InputError, _ReadRows, count_rows, plan_input
+from transforms.images.decode import decode_image
+from transforms.images.fetch import FetchOptions, fetch_bytes
+from transforms.images.sources import InputError, InputPlan, count_rows, plan_input
+from transforms.images.sources import manifest as manifest_reader
+from transforms.images.sources.read import _ReadRows
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(plan: sources.InputPlan) -> list[Any]:
+def _rows(plan: InputPlan) -> list[Any]:
     reader = _ReadRows(plan)
     out = []
     for file_no, path in enumerate(plan.files):
@@ -99,7 +100,7 @@ def test_a_csv_field_of_any_size(tmp_path: Path) -> None:
 def test_a_line_past_the_limit_is_an_error_row(
     fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(manifest_reader, "MAX_LINE_BYTES", 1000)
     long = "y" * 5000
     body = {
         "txt": f"a.jpg\n{long}.jpg\nc.jpg\n",
@@ -125,7 +126,7 @@ def test_jsonl_bad_lines_fail_alone(tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(lines) + "\n")
     monkeypatch_head = len(lines[0]) + len(lines[1]) + 2  # the sample: two lines
-    plan = sources.plan_input(str(path))  # the whole file as sample: never refused
+    plan = plan_input(str(path))  # the whole file as sample: never refused
     assert plan.schema.field("n").type == pa.int64()
     rows = _rows(plan)
     assert len(rows) == 6
@@ -139,7 +140,7 @@ def test_jsonl_bad_lines_fail_alone(tmp_path: Path) -> None:
 def test_jsonl_unknown_keys_are_error_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text('{"uri": "a.jpg"}\n{"uri": "b.jpg"}\n{"uri": "c.jpg", "surprise": 1}\n')
-    monkeypatch.setattr(sources, "_INFER_BYTES", 40)  # the sample misses line 3
+    monkeypatch.setattr(manifest_reader, "_INFER_BYTES", 40)  # the sample misses line 3
     rows = _rows(plan_input(str(path)))
     assert _codes(rows) == [None, None, "malformed_row"]
     assert "unknown key" in str(rows[2].error) and "surprise" in str(rows[2].error)
@@ -403,7 +404,7 @@ def test_unreadable_and_oversized_local_files(
 
 
 def test_a_stuck_local_read_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transforms import fetch
+    from transforms.images import fetch
 
     def stuck(path: str, limit: int) -> bytes:
         time.sleep(3)
@@ -459,7 +460,7 @@ def test_mixed_hostile_manifest_one_row_each_with_its_code(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 4096)
+    monkeypatch.setattr(manifest_reader, "MAX_LINE_BYTES", 4096)
     good = str(photo_dir / "chelsea.jpg")
     lines = [b"uri,expect,note"]
     for path, code in hostile_paths.values():

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from transforms import sources
 from transforms.errors import ErrorCode
+from transforms.images.sources import InputError, count_rows, plan_input
+from transforms.images.sources import manifest as manifest_reader
+from transforms.images.sources.read import _ReadRows
 from transforms.rows import RecordFormat
-from transforms.sources import InputError, _ReadRows, count_rows, plan_input, resolve_uri
+from transforms.uri import resolve_uri
 
 
 def _read_all(plan) -> list:
@@ -60,7 +62,7 @@ def test_csv_manifest_keeps_types_and_flags_malformed_rows(
     )
     # Types are inferred from the head of the file; make the head the first 2 rows
     # so a later row can disagree with them.
-    monkeypatch.setattr(sources, "_INFER_BYTES", 50)
+    monkeypatch.setattr(manifest_reader, "_INFER_BYTES", 50)
     plan = plan_input(str(manifest))
     assert plan.uri_column == "image_url"
     assert plan.schema.field("id").type == pa.int64()

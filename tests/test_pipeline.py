@@ -16,8 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from transforms.errors import ErrorCode, RowError
-from transforms.inference import isolate_failures
 from transforms.label import LabelImageRows
+from transforms.model.inference import isolate_failures
 from transforms.rows import ImageRow, Prediction
 
 

@@ -60,7 +60,7 @@ def test_a_shared_model_is_not_preloaded_in_the_launcher(
     tiny_vit: Path, options: dict[str, Any], preloads: bool
 ) -> None:
     """RunInference loads a shared model in its own server process; a launcher copy is waste."""
-    from transforms.inference import take_preloaded
+    from transforms.model.inference import take_preloaded
 
     handler = classifier_handler(tiny_vit, **options)
     handler.preload()

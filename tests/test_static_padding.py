@@ -24,9 +24,9 @@ from transformers import (
 )
 
 from tests.conftest import classifier_handler, randomize_batchnorms, real_thumbnails
-from transforms.models import ModelSpec
-from transforms.preprocess import ImagePreprocessor
-from transforms.static_padding import make_tf_padding_static
+from transforms.model.loading import ModelSpec
+from transforms.model.preprocess import ImagePreprocessor
+from transforms.model.speedups.static_padding import make_tf_padding_static
 
 
 def _realistic(model: Any) -> Any:

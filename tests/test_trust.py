@@ -22,7 +22,7 @@ from PIL import Image
 from pipelines.label_images import EXIT_BAD_CONFIG
 from pipelines.output import SUMMARY_FILE
 from tests.conftest import read_output, real_photo, run_job
-from transforms.models import ModelLoadError
+from transforms.model.loading import ModelLoadError
 
 TOL = 1e-4
 SIZES = ((500, 375), (1024, 768), (3000, 2000), (4032, 3024))
@@ -67,7 +67,7 @@ def test_default_job_equals_transformers_pipeline_on_photos_of_every_size(
     from transformers import pipeline
 
     from transforms.api import classify
-    from transforms.default_model import default_model_dir
+    from transforms.model.default_model import default_model_dir
 
     seed = pipeline("image-classification", model=str(default_model_dir()), device="cpu")
     expected = {str(p): seed(str(p), top_k=5) for p in sized_photos}

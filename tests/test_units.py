@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from transforms.batching import BatchSettings, batch_settings
-from transforms.decode import decode_image
 from transforms.errors import ErrorCode, RowError, Status, format_error, redact, redact_uri
-from transforms.fetch import FetchOptions, check_uri, fetch_bytes
-from transforms.postprocess import (
+from transforms.images.decode import decode_image
+from transforms.images.fetch import FetchOptions, check_uri, fetch_bytes
+from transforms.model.batching import BatchSettings, batch_settings
+from transforms.model.postprocess import (
     ClassificationFunction,
     apply_function,
     resolve_function,
@@ -295,8 +295,8 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
     """GPU readiness without a GPU: a fake forward that runs out of memory above 2 images."""
     import torch
 
-    from transforms.handler_base import TorchHandlerBase
-    from transforms.postprocess import ClassificationFunction
+    from transforms.model.handler_base import TorchHandlerBase
+    from transforms.model.postprocess import ClassificationFunction
     from transforms.rows import Prediction
     from transforms.spec import LabelingSpec
 
@@ -327,7 +327,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
 
 
 def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:
-    from transforms.handler_base import is_out_of_memory
+    from transforms.model.handler_base import is_out_of_memory
 
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
@@ -340,7 +340,7 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
     """GPU readiness without a GPU: record what the copy to "cuda" asks torch for."""
     import torch
 
-    from transforms.handler_base import batch_to_device
+    from transforms.model.handler_base import batch_to_device
 
     calls: list[tuple[str, Any]] = []
 

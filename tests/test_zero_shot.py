@@ -17,9 +17,9 @@ from PIL import Image
 
 from tests.conftest import real_thumbnails, zero_shot_handler
 from transforms.label import LabelImageRows
-from transforms.label_set import LabelSet, LabelSetError
-from transforms.models import ModelSpec
-from transforms.preprocess import ImagePreprocessor
+from transforms.model.label_set import LabelSet, LabelSetError
+from transforms.model.loading import ModelSpec
+from transforms.model.preprocess import ImagePreprocessor
 from transforms.rows import ImageRow, Prediction
 
 LABELS = ("cat", "dog", "car", "coffee cup", "rocket", "astronaut")

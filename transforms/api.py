@@ -18,13 +18,13 @@ from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
 from transforms.errors import ErrorCode, RowError
-from transforms.fetch import Fetcher
-from transforms.image_classification import ImageClassificationModelHandler
+from transforms.images.fetch import Fetcher
 from transforms.label import LabelImageRows, LabelingOptions, load_pixel_values
-from transforms.preprocess import ImagePreprocessor
+from transforms.model.image_classification import ImageClassificationModelHandler
+from transforms.model.preprocess import ImagePreprocessor
+from transforms.model.zero_shot import ZeroShotModelHandler
 from transforms.rows import ImageRow, Prediction, RecordFormat
 from transforms.spec import ZERO_SHOT, LabelingSpec, resolve
-from transforms.zero_shot import ZeroShotModelHandler
 
 
 def make_handler(spec: LabelingSpec) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:

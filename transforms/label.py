@@ -28,13 +28,14 @@ from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageOps
 
 from transforms.allocator import tune_malloc
-from transforms.decode import DecodeOptions, decode_image
 from transforms.errors import ErrorCode, RowError, Status
-from transforms.fetch import Fetcher, FetchOptions, scheme_of
-from transforms.handler_base import METRICS_NAMESPACE
-from transforms.inference import isolate_failures
-from transforms.preprocess import Preprocessor
+from transforms.images.decode import DecodeOptions, decode_image
+from transforms.images.fetch import Fetcher, FetchOptions
+from transforms.model.handler_base import METRICS_NAMESPACE
+from transforms.model.inference import isolate_failures
+from transforms.model.preprocess import Preprocessor
 from transforms.rows import ImageRow, Prediction, RecordFormat
+from transforms.uri import scheme_of
 
 logger = logging.getLogger(__name__)
 

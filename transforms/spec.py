@@ -27,16 +27,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from transforms.batching import BatchSettings, batch_settings
-from transforms.decode import DEFAULT_MAX_PIXELS, DecodeOptions
-from transforms.fetch import DEFAULT_ALLOWED_SCHEMES, FetchOptions
-from transforms.label_set import (
+from transforms.images.decode import DEFAULT_MAX_PIXELS, DecodeOptions
+from transforms.images.fetch import DEFAULT_ALLOWED_SCHEMES, FetchOptions
+from transforms.model.batching import BatchSettings, batch_settings
+from transforms.model.label_set import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     LabelSet,
     LabelSetError,
     is_sigmoid_family,
 )
-from transforms.models import ModelLoadError, ModelSpec
+from transforms.model.loading import ModelLoadError, ModelSpec
+from transforms.model.postprocess import ClassificationFunction, resolve_function
 from transforms.options import (
     ConfigError,
     boolean,
@@ -53,7 +54,6 @@ from transforms.options import (
     str_list,
     text,
 )
-from transforms.postprocess import ClassificationFunction, resolve_function
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
         MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     )
 
-    from transforms.models import explain_load_error, from_pretrained_kwargs, resolve_model
+    from transforms.model.loading import explain_load_error, from_pretrained_kwargs, resolve_model
 
     kwargs = {k: v for k, v in from_pretrained_kwargs(spec).items() if k != "use_safetensors"}
     try:
@@ -524,7 +524,7 @@ def resolve(
         changes["device"] = device
     resolved = dataclasses.replace(spec, **changes)
     if check_weights:
-        from transforms.models import check_pretrained
+        from transforms.model.loading import check_pretrained
 
         check_pretrained(
             resolved.model_spec,
@@ -547,7 +547,7 @@ def model_labels(spec: LabelingSpec) -> list[str]:
 def metadata(spec: LabelingSpec) -> dict[str, str]:
     """Parquet key-value metadata that describes how a resolved spec labels."""
     from transforms import __version__
-    from transforms.default_model import DEFAULT_MODEL_NAME
+    from transforms.model.default_model import DEFAULT_MODEL_NAME
 
     facts = model_facts(spec.model_spec)
     name = f"default ({DEFAULT_MODEL_NAME})" if spec.model_spec.is_default else spec.model

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from transforms.batchnorm import difference
+from transforms.model.speedups.batchnorm import difference
 
 logger = logging.getLogger(__name__)
 

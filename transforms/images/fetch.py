@@ -18,12 +18,10 @@ import asyncio
 import concurrent.futures
 import email.utils
 import errno
-import ipaddress
+import itertools
 import logging
-import os
 import random
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,9 @@ from urllib.parse import urljoin, urlsplit
 import fsspec
 
 from transforms.errors import ErrorCode, RowError, redact_uri
+from transforms.images.guard import check_host, guarded_resolver
+from transforms.images.local import read_local_file
+from transforms.uri import scheme_of, strip_file_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ class FetchOptions:
     max_backoff_s: float = 30.0
     max_redirects: int = 10
     block_private_networks: bool = False
-
-
-def scheme_of(uri: str) -> str:
-    """The URI scheme, ``file`` for plain paths."""
-    if "://" not in uri:
-        return "file"
-    return uri.split("://", 1)[0].lower()
 
 
 def check_uri(uri: str | None, options: FetchOptions) -> str:
@@ -295,26 +289,41 @@ class Fetcher:
         except Exception as e:  # a bug in the async path must still be a row
             raise classify_fetch_error(uri, e) from e
 
+    def _retry_delay(self, uri: str, failure: Exception, attempt: int) -> float:
+        """The retry policy, for both paths: the seconds to wait before attempt
+        `attempt + 1` after `failure`, or the row's final `RowError` raised.
+
+        Only transient failures are retried, at most `retries` times, with
+        backoff; a 408/425/429/5xx response's Retry-After is honoured.
+        """
+        if isinstance(failure, _TransientStatus):
+            error = http_error(uri, failure.status)
+            transient, retry_after = True, failure.retry_after
+        elif isinstance(failure, RowError):
+            raise failure
+        else:
+            error = classify_fetch_error(uri, failure)
+            transient, retry_after = is_transient(error, _http_status(failure)), None
+        if attempt >= self.options.retries or not transient:
+            raise error from (None if isinstance(failure, _TransientStatus) else failure)
+        logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
+        return backoff_delay(attempt, self.options, retry_after)
+
     def _with_retries(self, uri: str, call: Callable[[], T]) -> T:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 return call()
             except Exception as e:
-                error = classify_fetch_error(uri, e)
-                status = _http_status(e)
-                if attempt >= self.options.retries or not is_transient(error, status):
-                    raise error from e
-                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
-                time.sleep(backoff_delay(attempt, self.options))
-                attempt += 1
+                delay = self._retry_delay(uri, e, attempt)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _fetch_fsspec(self, uri: str) -> bytes:
         """One attempt at a local, gs:// or s3:// object, within the deadline."""
         limit = self.options.max_bytes
         timeout = self.options.timeout_s
         if scheme_of(uri) == "file":
-            path = uri[len("file://") :] if uri.startswith("file://") else uri
+            path = strip_file_scheme(uri)
             data = self._with_deadline(lambda: read_local_file(path, limit), timeout)
         else:
             from fsspec.asyn import AsyncFileSystem, sync
@@ -366,7 +375,7 @@ class Fetcher:
             connector = aiohttp.TCPConnector(
                 limit=self.options.concurrency,
                 limit_per_host=self.options.per_host,
-                resolver=_guarded_resolver(self.options.block_private_networks),
+                resolver=guarded_resolver(self.options.block_private_networks),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, headers={"User-Agent": _USER_AGENT}
@@ -379,26 +388,14 @@ class Fetcher:
         if host not in self._hosts:
             self._hosts[host] = asyncio.Semaphore(self.options.per_host)
         assert self._global is not None
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 async with self._global, self._hosts[host]:
                     return await self._http_once(session, uri)
-            except _TransientStatus as e:
-                error = http_error(uri, e.status)
-                if attempt >= self.options.retries:
-                    raise error from None
-                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
-                await asyncio.sleep(backoff_delay(attempt, self.options, e.retry_after))
-            except RowError:
-                raise
             except Exception as e:
-                error = classify_fetch_error(uri, e)
-                if attempt >= self.options.retries or not is_transient(error):
-                    raise error from e
-                logger.debug("Retrying %s after %s", redact_uri(uri), error.code.value)
-                await asyncio.sleep(backoff_delay(attempt, self.options))
-            attempt += 1
+                delay = self._retry_delay(uri, e, attempt)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _http_once(self, session: Any, uri: str) -> bytes:
         """One attempt, redirects included, under one deadline."""
@@ -452,140 +449,6 @@ class Fetcher:
                     f"{redact_uri(uri)} is larger than the {limit} byte limit",
                 )
         return bytes(data)
-
-
-_LOCAL_KINDS = (
-    (stat.S_ISDIR, ErrorCode.IS_DIRECTORY, "is a directory"),
-    (stat.S_ISFIFO, ErrorCode.IS_FIFO, "is a FIFO (named pipe)"),
-    (stat.S_ISCHR, ErrorCode.IS_DEVICE, "is a character device"),
-    (stat.S_ISBLK, ErrorCode.IS_DEVICE, "is a block device"),
-    (stat.S_ISSOCK, ErrorCode.IS_SOCKET, "is a socket"),
-)
-
-
-def _check_regular(path: str, mode: int, size: int, limit: int) -> None:
-    for test, code, what in _LOCAL_KINDS:
-        if test(mode):
-            raise RowError(code, f"{path} {what}, not a regular file")
-    if not stat.S_ISREG(mode):
-        raise RowError(ErrorCode.NOT_A_FILE, f"{path} is not a regular file")
-    if size > limit:
-        raise RowError(ErrorCode.TOO_LARGE, f"{path} is {size} bytes, over the {limit} byte limit")
-
-
-def read_local_file(path: str, limit: int) -> bytes:
-    """Read a local image file, never opening anything but a regular file.
-
-    `stat` first: a FIFO would block `open` forever, `/dev/zero` would never
-    end, a directory or socket cannot be read. The file is then opened
-    non-blocking and checked again, in case it changed in between, and at
-    most `limit + 1` bytes are read.
-
-    Raises:
-        RowError: a specific code per kind of path; OSError for other failures
-            (classified by `classify_fetch_error`).
-    """
-    _check_regular(path, *_stat(path), limit)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(fd)
-        _check_regular(path, info.st_mode, info.st_size, limit)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    finally:
-        os.close(fd)
-
-
-def _stat(path: str) -> tuple[int, int]:
-    info = os.stat(path)
-    return info.st_mode, info.st_size
-
-
-# ---- the address guard ----------------------------------------------------------------
-
-#: Refused for every http(s) fetch: link-local addresses, where cloud metadata
-#: servers answer (169.254.169.254 on GCE, AWS and Azure; fd00:ec2::254 on AWS).
-ALWAYS_BLOCKED = tuple(
-    ipaddress.ip_network(n)
-    for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32")
-)
-#: Metadata endpoints by name, refused before any lookup.
-METADATA_HOSTS = frozenset(
-    {
-        "metadata.google.internal",
-        "metadata.goog",
-        "metadata",
-        "instance-data",
-        "instance-data.ec2.internal",
-    }
-)
-
-
-def blocked_reason(address: str, block_private: bool) -> str | None:
-    """Why an IP address may not be fetched from, or None."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
-    if any(ip in network for network in ALWAYS_BLOCKED):
-        return "a link-local or cloud metadata address"
-    if block_private and (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_unspecified
-        or ip.is_multicast
-        or ip in ipaddress.ip_network("100.64.0.0/10")
-    ):
-        return "a loopback or private address (--block-private-networks)"
-    return None
-
-
-def check_host(uri: str, url: str, block_private: bool) -> None:
-    """Refuse a metadata host name or a blocked literal IP before connecting.
-
-    Host names go through `_GuardedResolver`, which checks every address a name
-    resolves to, so the address actually connected to is always checked.
-    """
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
-    if host in METADATA_HOSTS:
-        raise RowError(
-            ErrorCode.BLOCKED_ADDRESS, f"{redact_uri(uri)}: {host} is a cloud metadata endpoint"
-        )
-    reason = blocked_reason(host, block_private)
-    if reason:
-        raise RowError(ErrorCode.BLOCKED_ADDRESS, f"{redact_uri(uri)}: {host} is {reason}")
-
-
-def _guarded_resolver(block_private: bool) -> Any:
-    from aiohttp.abc import AbstractResolver
-    from aiohttp.resolver import DefaultResolver
-
-    class _GuardedResolver(AbstractResolver):
-        """DNS answers pass the address guard before aiohttp connects to them."""
-
-        def __init__(self) -> None:
-            self._inner = DefaultResolver()
-
-        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> Any:
-            infos = await self._inner.resolve(host, port, family)
-            for info in infos:
-                reason = blocked_reason(str(info["host"]), block_private)
-                if reason:
-                    raise RowError(
-                        ErrorCode.BLOCKED_ADDRESS,
-                        f"{host} resolves to {info['host']}, {reason}",
-                    )
-            return infos
-
-        async def close(self) -> None:
-            await self._inner.close()
-
-    return _GuardedResolver()
 
 
 def fetch_bytes(uri: str | None, options: FetchOptions | None = None) -> bytes:

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from transforms.batchnorm import fold_batchnorm
-from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device
-from transforms.models import load_pretrained
-from transforms.postprocess import resolve_function
+from transforms.model.handler_base import TorchHandlerBase, batch_to_device
+from transforms.model.loading import load_pretrained
+from transforms.model.postprocess import resolve_function
+from transforms.model.speedups.batchnorm import fold_batchnorm
+from transforms.model.speedups.compiled import CompiledForward
+from transforms.model.speedups.static_padding import make_tf_padding_static
 from transforms.spec import LabelingSpec, model_facts
-from transforms.static_padding import make_tf_padding_static
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def preferred_memory_format(model: Any) -> Any:
 
 def streamline_classifier(model: Any, device: str) -> tuple[int, int]:
     """Rewrite an image classifier's layers for inference, in place: static padding
-    for TF-padded convolutions (`transforms.static_padding`), then batch norms
-    folded into their convolutions (`transforms.batchnorm`). Each step is checked
+    for TF-padded convolutions (`transforms.model.speedups.static_padding`), then batch norms
+    folded into their convolutions (`transforms.model.speedups.batchnorm`). Each step is checked
     on one random image of the config's size and undone if the logits change.
 
     Returns:

@@ -18,10 +18,10 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.allocator import tune_malloc
-from transforms.compiled import CompiledForward
 from transforms.errors import RowError
-from transforms.inference import isolate_failures, start_preload, take_preloaded
-from transforms.postprocess import ClassificationFunction, apply_function, top_k_predictions
+from transforms.model.inference import isolate_failures, start_preload, take_preloaded
+from transforms.model.postprocess import ClassificationFunction, apply_function, top_k_predictions
+from transforms.model.speedups.compiled import CompiledForward
 from transforms.rows import Prediction
 from transforms.spec import LabelingSpec, check_device_support, resolve_device
 

@@ -13,8 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from transforms.inference import start_preload, take_preloaded
-from transforms.models import ModelSpec, explain_load_error, from_pretrained_kwargs, resolve_model
+from transforms.model.inference import start_preload, take_preloaded
+from transforms.model.loading import (
+    ModelSpec,
+    explain_load_error,
+    from_pretrained_kwargs,
+    resolve_model,
+)
 
 logger = logging.getLogger(__name__)
 

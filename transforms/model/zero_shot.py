@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from transforms.compiled import CompiledForward
-from transforms.handler_base import TorchHandlerBase, batch_to_device
-from transforms.label_set import LabelSet, is_sigmoid_family
-from transforms.models import (
+from transforms.model.handler_base import TorchHandlerBase, batch_to_device
+from transforms.model.label_set import LabelSet, is_sigmoid_family
+from transforms.model.loading import (
     explain_load_error,
     from_pretrained_kwargs,
     load_pretrained,
     resolve_model,
 )
-from transforms.postprocess import ClassificationFunction
+from transforms.model.postprocess import ClassificationFunction
+from transforms.model.speedups.compiled import CompiledForward
 from transforms.spec import LabelingSpec, model_facts
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transforms.default_model import build_cached_dir, cache_root, default_model_dir
+from transforms.model.default_model import build_cached_dir, cache_root, default_model_dir
+from transforms.uri import is_remote, strip_file_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ class ModelSpec:
         return self.model in (DEFAULT_MODEL, "")
 
 
-def _is_remote_dir(model: str) -> bool:
-    return "://" in model and not model.startswith("file://")
-
-
 def _copy_remote_dir(uri: str) -> Path:
     """Copy a remote model directory once into the local cache."""
     import fsspec
@@ -66,10 +63,8 @@ def resolve_model(spec: ModelSpec) -> str:
     """A path or hub id that `from_pretrained` can load, fetching or converting once."""
     if spec.is_default:
         return str(default_model_dir())
-    model = spec.model
-    if model.startswith("file://"):
-        model = model[len("file://") :]
-    if _is_remote_dir(model):
+    model = strip_file_scheme(spec.model)
+    if is_remote(model):
         return str(_copy_remote_dir(model))
     if os.path.isdir(model):
         return model
@@ -94,7 +89,7 @@ def explain_load_error(spec: ModelSpec, error: BaseException) -> ModelLoadError:
     """Wrap a `from_pretrained` failure in a message that says what to do."""
     text = f"{type(error).__name__}: {error}"
     hint = ""
-    if not os.path.isdir(spec.model) and not _is_remote_dir(spec.model):
+    if not os.path.isdir(spec.model) and not is_remote(spec.model):
         hint = (
             f" --model {spec.model!r} was treated as a Hugging Face hub id. If this machine "
             "has no access to the hub, download the model elsewhere "
@@ -142,7 +137,7 @@ def load_pretrained(spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32"
         kept = _KEPT.pop((spec, zero_shot, precision), None)
     if kept is not None:
         return kept
-    from transforms.handler_base import torch_dtype
+    from transforms.model.handler_base import torch_dtype
 
     try:
         model, info = _model_class(zero_shot).from_pretrained(
