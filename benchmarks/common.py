@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import JobConfig
-from pipelines.label_images import add_to_pipeline, build_job
+from pipelines.label_images import build, plan_job
 from pipelines.output import prepare_output
 from pipelines.runner import make_runner
 
@@ -37,12 +37,12 @@ class JobTiming:
 
 def run_job(config: JobConfig, beam_args: list[str] | None = None) -> JobTiming:
     """Run the labeling job in this process and time it."""
-    job = build_job(config)
+    plan = plan_job(config)
     options = PipelineOptions(beam_args or [])
     started = time.time()
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     output = prepare_output(config.output, overwrite=config.overwrite)
-    add_to_pipeline(pipeline, job, output=output, started_at=started)
+    build(pipeline, plan, output=output, started_at=started)
     result = pipeline.run()
     result.wait_until_finish()
     wall = time.time() - started

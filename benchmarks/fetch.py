@@ -28,10 +28,11 @@ from benchmarks.corpus import build_corpus  # noqa: E402
 from tests.http_server import serve_in_subprocess  # noqa: E402
 from transforms.images.decode import decode_image  # noqa: E402
 from transforms.images.fetch import FetchOptions  # noqa: E402
-from transforms.label import DecodeOptions, FetchDecodePreprocess  # noqa: E402
+from transforms.label import FetchDecodePreprocess  # noqa: E402
 from transforms.model.loading import ModelSpec  # noqa: E402
 from transforms.model.preprocess import ImagePreprocessor  # noqa: E402
 from transforms.rows import ImageRow  # noqa: E402
+from transforms.spec import LabelingSpec  # noqa: E402
 
 
 class FetchOnly(FetchDecodePreprocess):
@@ -49,7 +50,7 @@ def run_stage(urls: list[str], fetch: FetchOptions, decode: bool) -> tuple[float
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
     cls = FetchDecodePreprocess if decode else FetchOnly
-    dofn = cls(ImagePreprocessor(ModelSpec()), fetch, DecodeOptions())
+    dofn = cls(ImagePreprocessor(ModelSpec()), fetch, LabelingSpec().decode)
     dofn.setup()
     ok = 0
     start = time.perf_counter()
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # The server runs in its own process, as a real one would.
     with serve_in_subprocess(images, latency_s=args.latency_ms / 1000.0) as base_url:
         urls = [f"{base_url}/img/{p.name}" for p in paths]
-        defaults = FetchOptions()
+        defaults = LabelingSpec().fetch
         fetch_only, ok = run_stage(urls, defaults, decode=False)
         assert ok == len(urls), f"only {ok} of {len(urls)} fetched"
         full, ok = run_stage(urls, defaults, decode=True)

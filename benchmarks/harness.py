@@ -164,11 +164,11 @@ def child_stage(model_dir: str, manifest: str, fast: bool) -> None:
     """Decode + preprocess on every core, pipelined with our forward pass; no Beam."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transforms.api import make_handler
     from transforms.images.decode import decode_image
-    from transforms.label import single_threaded_torch_in_this_thread
+    from transforms.label import make_handler, single_threaded_torch_in_this_thread
     from transforms.model.preprocess import ImagePreprocessor
-    from transforms.spec import LabelingSpec, resolve
+    from transforms.resolve import resolve
+    from transforms.spec import LabelingSpec
 
     spec = resolve(LabelingSpec(model=model_dir, fast_decode=fast, device="cpu"), local=True)
     handler = make_handler(spec)

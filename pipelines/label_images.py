@@ -3,8 +3,9 @@
     ReadManifest ─► LabelImages (FetchAndDecode ─► RunInference) ─► WriteParquet
                                   └─► Summarize ─► __label_images__/summary.json
 
-`build_job` validates the config and builds the graph; `run(argv)` parses flags,
-runs it and returns the exit code. The CLI (`label-images`,
+`plan_job` validates the config into a `JobPlan`, `prepare` readies the
+output, `build` adds the graph to a pipeline and `finish` reports the run;
+`run(argv)` parses flags, does all four and returns the exit code. The CLI (`label-images`,
 `python -m pipelines.label_images`), Dataflow and Airflow all enter through `run`.
 
 Exit codes: 0 the job ran (even if some images failed); 1 the job failed while
@@ -18,6 +19,7 @@ from pipelines import logs
 
 logs.hold()  # the imports below log through the root logger (see pipelines.logs)
 
+import dataclasses
 import json
 import logging
 import sys
@@ -48,7 +50,6 @@ from pipelines.preflight import check_output_overlap, preflight
 from pipelines.progress import ProgressPrinter, ReportProgress
 from pipelines.report import build_report
 from pipelines.resume import (
-    IDENTITY_KEYS,
     SKIPPED_TAG,
     PreviousOutput,
     ReadCommitted,
@@ -57,17 +58,19 @@ from pipelines.resume import (
     SkipDone,
     check_previous_output,
     count_skipped,
+    run_identity,
 )
 from pipelines.runner import in_process, is_local, make_runner
 from transforms.allocator import tune_malloc
-from transforms.api import LabelImages
 from transforms.errors import redact, redact_uri
 from transforms.images.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input
+from transforms.label import LabelImageRows
 from transforms.model.label_set import LabelSetError
 from transforms.model.loading import ModelLoadError
-from transforms.rows import PREFIX_KEY, RecordFormat
-from transforms.spec import LabelingSpec, model_labels, resolve
-from transforms.spec import metadata as labeling_metadata
+from transforms.resolve import metadata as labeling_metadata
+from transforms.resolve import model_labels, resolve_loaded
+from transforms.rows import RecordFormat
+from transforms.spec import LabelingSpec
 
 logs.release()
 
@@ -80,30 +83,45 @@ EXIT_ERROR_RATE = 3
 
 
 @dataclass(frozen=True)
-class Job:
-    """A validated job, ready to be added to a pipeline."""
+class JobPlan:
+    """A validated job: everything decided before anything runs, built once
+    (`plan_job`) and read by the steps that prepare, build and finish it.
+
+    Attributes:
+        config: the parsed config.
+        input: which files, which format, which columns.
+        labeling: the resolved spec (task, labels inline, device where known).
+        record_format: the output columns (prefix, status names, embeddings).
+        metadata: the Parquet key-value metadata that describes the run.
+        schema: the output schema, `metadata` included.
+        skip_existing: the previous output whose ok rows are skipped.
+        weights: the model loaded to check it, kept for an in-process run's
+            handler so it is read once (None otherwise).
+    """
 
     config: JobConfig
-    plan: InputPlan
-    schema: pa.Schema
+    input: InputPlan
     labeling: LabelingSpec
-    skip_existing: PreviousOutput | None = None  # the output whose ok rows are skipped
-    record_format: RecordFormat = RecordFormat(source=True)
+    record_format: RecordFormat
+    metadata: dict[str, str]
+    schema: pa.Schema
+    skip_existing: PreviousOutput | None = None
+    weights: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False) -> Job:
+def plan_job(config: JobConfig, *, local: bool = True, keep_weights: bool = False) -> JobPlan:
     """Validate everything that can be checked before running, and plan the job.
 
     Args:
         config: the parsed config.
         local: the job runs on this machine (the device is resolved here).
-        keep_model: the model loaded to check its weights is kept for this
+        keep_weights: keep the model loaded to check its weights, for this
             process's handler (in-process local runs), so it loads once.
 
     Raises:
         ConfigError, InputError, ModelLoadError, ValueError: with a clear message.
     """
-    plan = plan_input(
+    inputs = plan_input(
         config.input,
         uri_column=config.uri_column,
         image_column=config.image_column,
@@ -112,39 +130,55 @@ def build_job(config: JobConfig, *, local: bool = True, keep_model: bool = False
         encoding=config.input_encoding,
         max_member_bytes=config.labeling.max_image_bytes,
     )
-    check_output_overlap(config, plan.files)
-    labeling = resolve(config.labeling, local=local, keep_model=keep_model)
-    described = labeling_metadata(labeling)
+    check_output_overlap(config, inputs.files)
+    resolved = resolve_loaded(config.labeling, local=local)
     fmt = RecordFormat.for_input(
-        plan.passthrough_schema, prefix=config.output_prefix, embeddings=labeling.embeddings
+        inputs.passthrough_schema, prefix=config.output_prefix, embeddings=resolved.spec.embeddings
     )
-    described.update(fmt.metadata)
-    # Where the images came from, for the report's thumbnails.
-    described["image_labeler.uri_column"] = plan.uri_column or ""
-    described["image_labeler.image_column"] = plan.image_column or ""
-    schema = fmt.schema(plan.passthrough_schema, described)
-    skip = check_previous_output(config, plan, described) if config.skip_existing else None
-    return Job(config, plan, schema, labeling, skip, fmt)
+    described = {
+        **labeling_metadata(resolved.spec),
+        **fmt.metadata,
+        # Where the images came from, for the report's thumbnails.
+        "image_labeler.uri_column": inputs.uri_column or "",
+        "image_labeler.image_column": inputs.image_column or "",
+    }
+    skip = check_previous_output(config, inputs, described) if config.skip_existing else None
+    return JobPlan(
+        config=config,
+        input=inputs,
+        labeling=resolved.spec,
+        record_format=fmt,
+        metadata=described,
+        schema=fmt.schema(inputs.passthrough_schema, described),
+        skip_existing=skip,
+        weights=resolved.weights if keep_weights else None,
+    )
 
 
-def add_to_pipeline(
-    pipeline: beam.Pipeline,
-    job: Job,
-    *,
-    output: OutputPlan,
-    started_at: float,
-    progress_dir: str | None = None,
-    preload: bool = False,
-) -> beam.PCollection:
-    """Add the labeling graph to `pipeline`. Returns the PCollection of output records.
+def prepare(plan: JobPlan, *, dry_run: bool) -> OutputPlan:
+    """Check the output directory and start (or continue) this run in it.
 
-    With `preload`, the model starts loading in this process right away (for
-    in-process runners: it then loads while Beam plans and reads).
+    Raises:
+        OutputError: see `prepare_output`.
     """
-    fmt = job.record_format
-    rows = pipeline | "ReadManifest" >> ReadImageRows(job.plan)
-    rows_in = rows | "CountRows" >> beam.combiners.Count.Globally()
-    resumed_stats = None
+    config = plan.config
+    if dry_run:
+        return OutputPlan(config.output, "dry-run")
+    return prepare_output(
+        config.output,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        identity=run_identity(plan.metadata, redact_uri(config.input)),
+        record_format=plan.record_format,
+    )
+
+
+def _read(pipeline: beam.Pipeline, plan: JobPlan, output: OutputPlan) -> _Rows:
+    """The rows this run labels: the input, less the rows an interrupted run
+    committed (`--resume`) and the rows a previous output holds (`--skip-existing`)."""
+    fmt = plan.record_format
+    rows = pipeline | "ReadManifest" >> ReadImageRows(plan.input)
+    read = _Rows(rows, rows | "CountRows" >> beam.combiners.Count.Globally())
     if output.resumed_files:
         committed = pipeline | "ReadCommitted" >> ReadCommitted(
             output.directory, output.resumed_files, fmt
@@ -155,50 +189,86 @@ def add_to_pipeline(
             >> beam.Map(lambda r: (r[fmt.name("source_file")], r[fmt.name("source_row")]))
             | "CommittedSet" >> beam.CombineGlobally(beam.combiners.ToSetCombineFn())
         )
-        rows = rows | "SkipCommitted" >> beam.ParDo(
+        read.rows = read.rows | "SkipCommitted" >> beam.ParDo(
             SkipCommitted(), committed=beam.pvalue.AsSingleton(keys)
         )
-        resumed_stats = committed | "SummarizeCommitted" >> beam.CombineGlobally(
+        read.resumed_stats = committed | "SummarizeCommitted" >> beam.CombineGlobally(
             SummarizeRecords(fmt)
         )
-    skipped_count = None
-    if job.skip_existing:
-        done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(
-            job.skip_existing, job.plan.uri_column or ""
-        )
-        split = rows | "SkipExisting" >> beam.ParDo(
-            SkipDone(job.plan.uri_column or ""), done=beam.pvalue.AsSingleton(done)
+    if plan.skip_existing:
+        uri_column = plan.input.uri_column or ""
+        done = pipeline | "ReadPreviousOutput" >> ReadDoneUris(plan.skip_existing, uri_column)
+        split = read.rows | "SkipExisting" >> beam.ParDo(
+            SkipDone(uri_column), done=beam.pvalue.AsSingleton(done)
         ).with_outputs(SKIPPED_TAG, main="rows")
-        rows = split.rows
-        skipped_count = split[SKIPPED_TAG] | "CountSkipped" >> beam.combiners.Count.Globally()
-    label = LabelImages.from_spec(job.labeling, record_format=fmt)
-    if preload:
-        label.preload()
-    records = rows | "LabelImages" >> label
-    if job.config.num_shards:
+        read.rows = split.rows
+        read.skipped = split[SKIPPED_TAG]
+    return read
+
+
+@dataclass
+class _Rows:
+    """The PCollections `_read` hands on: the rows to label and what was counted."""
+
+    rows: beam.PCollection
+    rows_in: beam.PCollection
+    resumed_stats: beam.PCollection | None = None
+    skipped: beam.PCollection | None = None
+
+
+def _write(plan: JobPlan, records: beam.PCollection, output: OutputPlan) -> beam.PCollection:
+    """Commit the records as part files; the written files' names."""
+    config = plan.config
+    if config.num_shards:
         # A fixed number of files: Beam's sink, which commits them all at the end.
-        written = records | "WriteParquet" >> beam.io.WriteToParquet(
+        return records | "WriteParquet" >> beam.io.WriteToParquet(
             shard_prefix(output.directory, output.run_id),
-            schema=job.schema,
+            schema=plan.schema,
             file_name_suffix=".parquet",
-            num_shards=job.config.num_shards,
+            num_shards=config.num_shards,
             codec="snappy",
         )
-    else:
-        written = records | "WriteParquet" >> beam.ParDo(
-            WriteParts(output.directory, job.schema, output.run_id, job.config.commit_every)
-        )
-    stats = records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt))
-    if skipped_count is None:
-        skipped_count = pipeline | "NoneSkipped" >> beam.Create([0])
+    return records | "WriteParquet" >> beam.ParDo(
+        WriteParts(output.directory, plan.schema, output.run_id, config.commit_every)
+    )
+
+
+def build(
+    pipeline: beam.Pipeline,
+    plan: JobPlan,
+    *,
+    output: OutputPlan,
+    started_at: float,
+    progress_dir: str | None = None,
+    preload: bool = False,
+) -> beam.PCollection:
+    """Add the job's graph to `pipeline`. Returns the PCollection of output records.
+
+    With `preload`, the model starts loading in this process right away (for
+    in-process runners: it then loads while Beam plans and reads).
+    """
+    fmt = plan.record_format
+    read = _read(pipeline, plan, output)
+    label = LabelImageRows.of(plan.labeling, fmt)
+    if preload:
+        label.preload(plan.weights)
+    records = read.rows | "LabelImages" >> label
+    written = _write(plan, records, output)
+    skipped = (
+        read.skipped | "CountSkipped" >> beam.combiners.Count.Globally()
+        if read.skipped is not None
+        else pipeline | "NoneSkipped" >> beam.Create([0])
+    )
     side_inputs: dict[str, Any] = {
         "files": beam.pvalue.AsList(written),
-        "stats": beam.pvalue.AsSingleton(stats),
-        "rows_in": beam.pvalue.AsSingleton(rows_in),
-        "rows_skipped": beam.pvalue.AsSingleton(skipped_count),
+        "stats": beam.pvalue.AsSingleton(
+            records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt))
+        ),
+        "rows_in": beam.pvalue.AsSingleton(read.rows_in),
+        "rows_skipped": beam.pvalue.AsSingleton(skipped),
     }
-    if resumed_stats is not None:
-        side_inputs["resumed_stats"] = beam.pvalue.AsSingleton(resumed_stats)
+    if read.resumed_stats is not None:
+        side_inputs["resumed_stats"] = beam.pvalue.AsSingleton(read.resumed_stats)
     _ = (
         pipeline
         | "SummaryTrigger" >> beam.Create([None])
@@ -207,17 +277,17 @@ def add_to_pipeline(
             WriteSummary(
                 output,
                 started_at,
-                {**job.config.to_dict(), "effective": job.labeling.effective()},
+                {**plan.config.to_dict(), "effective": plan.labeling.effective()},
                 steady_from=time.time(),
-                labels=model_labels(job.labeling),
+                labels=model_labels(plan.labeling),
             ),
             **side_inputs,
         )
     )
     if progress_dir:
         _ = records | "ReportProgress" >> beam.ParDo(ReportProgress(progress_dir, fmt))
-        if job.skip_existing:
-            _ = split[SKIPPED_TAG] | "ReportSkipped" >> beam.ParDo(
+        if read.skipped is not None:
+            _ = read.skipped | "ReportSkipped" >> beam.ParDo(
                 ReportProgress(progress_dir, kind="skipped")
             )
     return records
@@ -264,103 +334,51 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"Output: {summary['config']['output']}", file=sys.stderr)
 
 
-def run(
-    argv: Sequence[str] | None = None,
-    save_main_session: bool = True,
-    test_pipeline: beam.Pipeline | None = None,
-    started_at: float | None = None,
-) -> int:
-    """Parse flags, run the job and return its exit code.
+def _progress_total(plan: JobPlan, output: OutputPlan) -> int | None:
+    """The rows this run labels, for the progress line: without resumed or
+    skipped ones; None when that is not cheap to know."""
+    total = count_rows(plan.input)
+    if total is None:
+        return None
+    skipped = count_skipped(plan.input, plan.skip_existing) if plan.skip_existing else 0
+    return None if skipped is None else max(total - output.resumed_rows - skipped, 0)
 
-    Args:
-        argv: the flags (default: `sys.argv[1:]`).
-        save_main_session: Beam's option of that name.
-        test_pipeline: run on this pipeline instead of building one.
-        started_at: when the job started, for summary.json's timing (default:
-            this call). Entry points pass `process_started_at()`, so a CLI run
-            counts its interpreter's start-up as well.
-    """
-    called_at = time.time()
-    logs.setup()  # quiet until the flags say otherwise
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config, beam_args = load_config(argv)
-        logs.setup(verbose=config.verbose)
-        options = PipelineOptions(beam_args)
-        # Beam's --dry_run takes a value (--dry_run=True) and keeps it a string.
-        dry_run = str(options.get_all_options().get("dry_run")).lower() in ("true", "1", "yes")
-        preflight(config, options)
-        runs_here = is_local(options)
-        local = runs_here and test_pipeline is None
-        shared = config.labeling.share_model_across_processes or config.labeling.model_copies
-        job = build_job(
-            config,
-            local=runs_here,
-            keep_model=local and in_process(options) and not shared,
-        )
-        output = OutputPlan(config.output, "dry-run")
-        if not dry_run:
-            identity = {k: v for k, v in job.schema.metadata.items()}
-            output = prepare_output(
-                config.output,
-                overwrite=config.overwrite,
-                resume=config.resume,
-                identity={
-                    k.decode(): v.decode()
-                    for k, v in identity.items()
-                    if k.decode() in (*IDENTITY_KEYS, PREFIX_KEY)
-                }
-                | {"input": redact_uri(config.input)},
-                record_format=job.record_format,
-            )
-    except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
-        # One line, no traceback: the message names the flag or value to change.
-        print(f"label-images: error: {redact(' '.join(str(e).split()))}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
 
-    options.view_as(SetupOptions).save_main_session = save_main_session
-    if config.labeling.tune_malloc:
-        tune_malloc()  # the launcher is the worker of an in-process run
-    started_at = called_at if started_at is None else started_at
+def _execute(
+    pipeline: beam.Pipeline,
+    plan: JobPlan,
+    output: OutputPlan,
+    options: PipelineOptions,
+    *,
+    started_at: float,
+    local: bool,
+    dry_run: bool,
+) -> None:
+    """Build the graph on `pipeline` and run it to the end, with the progress
+    line on a local run. Raises what the run raised."""
+    show_progress = local and plan.config.progress
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
-        show_progress = local and config.progress
-        if test_pipeline is not None:
-            pipeline = test_pipeline
-        else:
-            pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-        add_to_pipeline(
+        build(
             pipeline,
-            job,
+            plan,
             output=output,
             started_at=started_at,
             progress_dir=progress_dir if show_progress else None,
             preload=local and in_process(options),
         )
-        total = count_rows(job.plan) if show_progress else None
-        if total is not None:  # the rows this run labels: without resumed or skipped ones
-            skipped = count_skipped(job.plan, job.skip_existing) if job.skip_existing else 0
-            total = None if skipped is None else max(total - output.resumed_rows - skipped, 0)
-        try:
-            if show_progress:
-                with ProgressPrinter(progress_dir, total) as printer:
-                    pipeline.run().wait_until_finish()
-                print(printer.line(), file=sys.stderr)
-            else:
-                result = pipeline.run()
-                result.wait_until_finish()
-                if dry_run:
-                    write_dry_run_job(result, options)
-        except Exception as e:
-            logger.exception("The labeling job failed")
-            print(f"label-images: job failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return EXIT_JOB_FAILED
-    if dry_run:
-        print(
-            "label-images: dry run: the job graph was built and translated, not run",
-            file=sys.stderr,
-        )
-        print(json.dumps({"label_images_dry_run": True}))
-        return EXIT_OK
+        if show_progress:
+            with ProgressPrinter(progress_dir, _progress_total(plan, output)) as printer:
+                pipeline.run().wait_until_finish()
+            print(printer.line(), file=sys.stderr)
+            return
+        result = pipeline.run()
+        result.wait_until_finish()
+        if dry_run:
+            write_dry_run_job(result, options)
+
+
+def finish(config: JobConfig) -> int:
+    """After a run: print its summary, write the report; the exit code."""
     try:
         summary = read_summary(config.output)
     except FileNotFoundError:
@@ -384,6 +402,73 @@ def run(
         )
         return EXIT_ERROR_RATE
     return EXIT_OK
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    save_main_session: bool = True,
+    test_pipeline: beam.Pipeline | None = None,
+    started_at: float | None = None,
+) -> int:
+    """Parse flags, run the job and return its exit code: plan, prepare, build
+    and run, finish.
+
+    Args:
+        argv: the flags (default: `sys.argv[1:]`).
+        save_main_session: Beam's option of that name.
+        test_pipeline: run on this pipeline instead of building one.
+        started_at: when the job started, for summary.json's timing (default:
+            this call). Entry points pass `process_started_at()`, so a CLI run
+            counts its interpreter's start-up as well.
+    """
+    called_at = time.time()
+    logs.setup()  # quiet until the flags say otherwise
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, beam_args = load_config(argv)
+        logs.setup(verbose=config.verbose)
+        options = PipelineOptions(beam_args)
+        # Beam's --dry_run takes a value (--dry_run=True) and keeps it a string.
+        dry_run = str(options.get_all_options().get("dry_run")).lower() in ("true", "1", "yes")
+        preflight(config, options)
+        runs_here = is_local(options)
+        local = runs_here and test_pipeline is None
+        shared = config.labeling.share_model_across_processes or config.labeling.model_copies
+        plan = plan_job(
+            config, local=runs_here, keep_weights=local and in_process(options) and not shared
+        )
+        output = prepare(plan, dry_run=dry_run)
+    except (ConfigError, InputError, LabelSetError, ModelLoadError, OutputError, ValueError) as e:
+        # One line, no traceback: the message names the flag or value to change.
+        print(f"label-images: error: {redact(' '.join(str(e).split()))}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    if config.labeling.tune_malloc:
+        tune_malloc()  # the launcher is the worker of an in-process run
+    pipeline = test_pipeline or beam.Pipeline(runner=make_runner(options), options=options)
+    try:
+        _execute(
+            pipeline,
+            plan,
+            output,
+            options,
+            started_at=called_at if started_at is None else started_at,
+            local=local,
+            dry_run=dry_run,
+        )
+    except Exception as e:
+        logger.exception("The labeling job failed")
+        print(f"label-images: job failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    if dry_run:
+        print(
+            "label-images: dry run: the job graph was built and translated, not run",
+            file=sys.stderr,
+        )
+        print(json.dumps({"label_images_dry_run": True}))
+        return EXIT_OK
+    return finish(config)
 
 
 def report_main(argv: Sequence[str]) -> int:

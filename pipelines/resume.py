@@ -23,19 +23,27 @@ from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
 from transforms.images.sources import InputPlan, read_rows_here
-from transforms.rows import ImageRow, RecordFormat
+from transforms.rows import PREFIX_KEY, ImageRow, RecordFormat
 from transforms.uri import with_protocol
 
 logger = logging.getLogger(__name__)
 
 SKIPPED_TAG = "skipped"
-#: Metadata that must match for a previous row to count as done.
+#: Metadata that must match for a previous row to count as done (and, with the
+#: output prefix, for a `--resume` to continue a run: `run_identity`).
 IDENTITY_KEYS = (
     "image_labeler.task",
     "image_labeler.model",
     "image_labeler.revision",
     "image_labeler.label_set_sha256",
 )
+
+
+def run_identity(metadata: Mapping[str, str], input_uri: str) -> dict[str, str]:
+    """What a `--resume` must find unchanged: the labeling identity (model,
+    revision, task, label set), the output prefix and the (redacted) input."""
+    keys = (*IDENTITY_KEYS, PREFIX_KEY)
+    return {k: v for k, v in metadata.items() if k in keys} | {"input": input_uri}
 
 
 def previous_shards(directory: str) -> list[str]:

@@ -341,6 +341,15 @@ def read_output(directory: Path) -> Any:
     return table
 
 
+def default_fetch(**changes: Any) -> Any:
+    """The declared default fetch options (`LabelingSpec().fetch`) with `changes`."""
+    import dataclasses
+
+    from transforms.spec import LabelingSpec
+
+    return dataclasses.replace(LabelingSpec().fetch, **changes)
+
+
 def run_job(args: list[str]) -> int:
     """Run the label-images job in this process, quietly; its exit code."""
     from pipelines.label_images import run
@@ -354,7 +363,7 @@ def classifier_handler(model: Any, **options: Any) -> Any:
     from transforms.spec import LabelingSpec
 
     options.setdefault("device", "cpu")
-    return ImageClassificationModelHandler(LabelingSpec(model=str(model), **options))
+    return ImageClassificationModelHandler(LabelingSpec(model=str(model), **options).handler)
 
 
 def zero_shot_handler(
@@ -379,8 +388,8 @@ def zero_shot_handler(
         **options,
     )
     if text_batch_size is None:
-        return ZeroShotModelHandler(spec)
-    return ZeroShotModelHandler(spec, text_batch_size=text_batch_size)
+        return ZeroShotModelHandler(spec.handler)
+    return ZeroShotModelHandler(spec.handler, text_batch_size=text_batch_size)
 
 
 def run_cli(args: list[str], timeout: float = 300) -> Any:

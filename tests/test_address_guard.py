@@ -29,6 +29,7 @@ import io, json, socket, sys
 from urllib.parse import quote
 from PIL import Image
 from tests.http_server import serve
+from tests.conftest import default_fetch
 from transforms.errors import RowError
 from transforms.images.fetch import Fetcher, FetchOptions
 
@@ -72,7 +73,7 @@ with serve({"cat.jpg": buf.getvalue()}) as server:
         "literal_private_blocked": ("http://192.168.1.1/x.jpg", True),
     }
     for name, (url, block) in cases.items():
-        fetcher = Fetcher(FetchOptions(retries=2, backoff_s=0.01, timeout_s=3,
+        fetcher = Fetcher(default_fetch(retries=2, backoff_s=0.01, timeout_s=3,
                                        block_private_networks=block))
         try:
             fetcher.fetch(url)

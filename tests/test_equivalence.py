@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import classifier_handler, real_thumbnails
+from tests.conftest import classifier_handler, default_fetch, real_thumbnails
 from transforms.images.decode import decode_image
-from transforms.images.fetch import FetchOptions, fetch_bytes
+from transforms.images.fetch import fetch_bytes
 from transforms.model.loading import ModelSpec
 from transforms.model.preprocess import ImagePreprocessor
 from transforms.rows import Prediction
@@ -99,12 +99,12 @@ def test_default_top_k_is_five(tiny_vit: Path, photos: list[Image.Image]) -> Non
 def test_paths_match_the_seed(tiny_vit: Path, photo_dir: Path, suffix: str) -> None:
     """Local paths go through our fetch and decode (draft mode off, as in the seed)."""
     paths = sorted(str(p) for p in photo_dir.glob(f"*.{suffix}"))
-    images = [decode_image(fetch_bytes(p, FetchOptions())) for p in paths]
+    images = [decode_image(fetch_bytes(p, default_fetch())) for p in paths]
     ours = _ours(tiny_vit, images, top_k=4)
     _assert_same(ours, _seed(tiny_vit, paths, top_k=4))
 
 
 def test_gray_and_rgba_paths_match_the_seed(tiny_multilabel: Path, photo_dir: Path) -> None:
     paths = [str(photo_dir / "camera_gray.png"), str(photo_dir / "coffee_rgba.png")]
-    images = [decode_image(fetch_bytes(p, FetchOptions())) for p in paths]
+    images = [decode_image(fetch_bytes(p, default_fetch())) for p in paths]
     _assert_same(_ours(tiny_multilabel, images, top_k=5), _seed(tiny_multilabel, paths, top_k=5))

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import default_fetch
 from tests.http_server import FaultServer, serve
 from transforms.errors import ErrorCode, RowError, Status
-from transforms.images.fetch import Fetcher, FetchOptions, backoff_delay, retry_after_seconds
+from transforms.images.fetch import Fetcher, backoff_delay, retry_after_seconds
 
 
 def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -30,7 +31,7 @@ def server() -> Iterator[FaultServer]:
 
 
 def _fetch(server: FaultServer, path: str, **options: object) -> bytes:
-    opts = FetchOptions(**{"retries": 3, "backoff_s": 0.05, "timeout_s": 5.0, **options})  # type: ignore[arg-type]
+    opts = default_fetch(**{"retries": 3, "backoff_s": 0.05, "timeout_s": 5.0, **options})
     fetcher = Fetcher(opts)
     try:
         return fetcher.fetch(server.url(path))
@@ -107,7 +108,7 @@ def test_body_past_the_byte_cap(server: FaultServer, route: str) -> None:
 
 
 def test_connection_refused() -> None:
-    fetcher = Fetcher(FetchOptions(retries=1, backoff_s=0.01, timeout_s=2))
+    fetcher = Fetcher(default_fetch(retries=1, backoff_s=0.01, timeout_s=2))
     with pytest.raises(RowError) as info:
         fetcher.fetch("http://127.0.0.1:9/nothing-listens-here.jpg")
     fetcher.close()
@@ -123,7 +124,7 @@ def test_retry_after_parsing_and_backoff() -> None:
     assert retry_after_seconds("7") == 7.0
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
     assert retry_after_seconds("soon") is None
-    options = FetchOptions(backoff_s=1.0, max_backoff_s=4.0)
+    options = default_fetch(backoff_s=1.0, max_backoff_s=4.0)
     assert all(0 <= backoff_delay(a, options) <= 4.0 for a in range(10))
     assert backoff_delay(0, options, retry_after=3.0) >= 3.0
     assert backoff_delay(0, options, retry_after=100.0) == 4.0
@@ -133,7 +134,7 @@ def test_per_host_cap_bounds_concurrency(server: FaultServer) -> None:
     """With per_host=2, ten 0.3 s downloads from one host take about 5 rounds."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fetcher = Fetcher(FetchOptions(per_host=2, concurrency=10))
+    fetcher = Fetcher(default_fetch(per_host=2, concurrency=10))
     start = time.monotonic()
     with ThreadPoolExecutor(10) as pool:
         results = list(
@@ -148,7 +149,7 @@ def test_per_host_cap_bounds_concurrency(server: FaultServer) -> None:
 def test_local_files_and_missing(tmp_path: Path) -> None:
     path = tmp_path / "a.bin"
     path.write_bytes(b"abc")
-    fetcher = Fetcher()
+    fetcher = Fetcher(default_fetch())
     assert fetcher.fetch(str(path)) == b"abc"
     assert fetcher.fetch(f"file://{path}") == b"abc"
     with pytest.raises(RowError) as info:
@@ -183,7 +184,7 @@ def test_gs_fetch_honours_the_deadline_per_attempt(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{host!s}:{port}")
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     gcsfs.GCSFileSystem.clear_instance_cache()
-    fetcher = Fetcher(FetchOptions(timeout_s=1.0, retries=1, backoff_s=0.01))
+    fetcher = Fetcher(default_fetch(timeout_s=1.0, retries=1, backoff_s=0.01))
     try:
         start = time.monotonic()
         with pytest.raises(RowError) as info:

@@ -30,10 +30,10 @@ from PIL import Image
 
 from pipelines.label_images import EXIT_BAD_CONFIG, EXIT_OK
 from pipelines.output import SUMMARY_FILE
-from tests.conftest import read_output, real_photo, run_job
+from tests.conftest import default_fetch, read_output, real_photo, run_job
 from transforms.errors import ErrorCode, RowError
 from transforms.images.decode import decode_image
-from transforms.images.fetch import FetchOptions, fetch_bytes
+from transforms.images.fetch import fetch_bytes
 from transforms.images.sources import InputError, InputPlan, count_rows, plan_input
 from transforms.images.sources import manifest as manifest_reader
 from transforms.images.sources.read import _ReadRows
@@ -368,7 +368,7 @@ def hostile_paths(tmp_path: Path) -> Iterator[dict[str, tuple[str, str]]]:
 def test_local_paths_that_are_not_regular_files_fail_at_once(
     hostile_paths: dict[str, tuple[str, str]],
 ) -> None:
-    options = FetchOptions(retries=3, backoff_s=0.5, timeout_s=5.0)
+    options = default_fetch(retries=3, backoff_s=0.5, timeout_s=5.0)
     for name, (path, code) in hostile_paths.items():
         start = time.monotonic()
         try:
@@ -388,7 +388,7 @@ def test_unreadable_and_oversized_local_files(
     path = tmp_path / "big.jpg"
     path.write_bytes(b"x" * 2000)
     with pytest.raises(RowError) as info:
-        fetch_bytes(str(path), FetchOptions(max_bytes=1000))
+        fetch_bytes(str(path), default_fetch(max_bytes=1000))
     assert info.value.code is ErrorCode.TOO_LARGE
     real_open = os.open
 
@@ -399,7 +399,7 @@ def test_unreadable_and_oversized_local_files(
 
     monkeypatch.setattr(os, "open", deny)  # root reads any file; simulate EACCES
     with pytest.raises(RowError) as info:
-        fetch_bytes(str(path), FetchOptions())
+        fetch_bytes(str(path), default_fetch())
     assert info.value.code is ErrorCode.PERMISSION_DENIED
 
 
@@ -413,7 +413,7 @@ def test_a_stuck_local_read_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(fetch, "read_local_file", stuck)
     start = time.monotonic()
     with pytest.raises(RowError) as info:
-        fetch_bytes("/some/file.jpg", FetchOptions(timeout_s=0.3, retries=0))
+        fetch_bytes("/some/file.jpg", default_fetch(timeout_s=0.3, retries=0))
     assert info.value.code is ErrorCode.TIMEOUT
     assert time.monotonic() - start < 1.5
 

@@ -93,7 +93,7 @@ def test_beam_counters_for_dataflow(photo_dir: Path, tiny_vit: Path, tmp_path: P
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.config import load_config
-    from pipelines.label_images import add_to_pipeline, build_job
+    from pipelines.label_images import build, plan_job
     from pipelines.output import prepare_output
     from pipelines.runner import make_runner
 
@@ -102,11 +102,14 @@ def test_beam_counters_for_dataflow(photo_dir: Path, tiny_vit: Path, tmp_path: P
     config, _ = load_config(
         ["--input", str(manifest), "--output", str(tmp_path / "o"), "--model", str(tiny_vit)]
     )
-    job = build_job(config)
+    plan = plan_job(config)
     options = PipelineOptions([])
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-    add_to_pipeline(
-        pipeline, job, output=prepare_output(config.output, overwrite=False), started_at=time.time()
+    build(
+        pipeline,
+        plan,
+        output=prepare_output(config.output, overwrite=False),
+        started_at=time.time(),
     )
     result = pipeline.run()
     result.wait_until_finish()

@@ -60,8 +60,6 @@ def test_a_shared_model_is_not_preloaded_in_the_launcher(
     tiny_vit: Path, options: dict[str, Any], preloads: bool
 ) -> None:
     """RunInference loads a shared model in its own server process; a launcher copy is waste."""
-    from transforms.model.inference import take_preloaded
-
     handler = classifier_handler(tiny_vit, **options)
     handler.preload()
-    assert (take_preloaded(handler.cache_key()) is not None) == preloads
+    assert (handler._preloaded.take() is not None) == preloads

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import default_fetch
 from transforms.errors import ErrorCode, RowError, Status, format_error, redact, redact_uri
 from transforms.images.decode import decode_image
-from transforms.images.fetch import FetchOptions, check_uri, fetch_bytes
+from transforms.images.fetch import check_uri, fetch_bytes
 from transforms.model.batching import BatchSettings, batch_settings
 from transforms.model.postprocess import (
     ClassificationFunction,
@@ -144,20 +145,20 @@ def test_batch_settings() -> None:
 )
 def test_invalid_uris(uri: str | None, code: ErrorCode) -> None:
     with pytest.raises(RowError) as info:
-        check_uri(uri, FetchOptions())
+        check_uri(uri, default_fetch())
     assert info.value.code is code
     assert info.value.status is Status.INVALID_INPUT
 
 
 def test_scheme_allowlist_can_exclude_http() -> None:
     with pytest.raises(RowError) as info:
-        check_uri("https://h/a.jpg", FetchOptions(allowed_schemes=("file",)))
+        check_uri("https://h/a.jpg", default_fetch(allowed_schemes=("file",)))
     assert info.value.code is ErrorCode.UNSUPPORTED_SCHEME
 
 
 def test_fetch_missing_file(tmp_path) -> None:
     with pytest.raises(RowError) as info:
-        fetch_bytes(str(tmp_path / "nope.jpg"), FetchOptions())
+        fetch_bytes(str(tmp_path / "nope.jpg"), default_fetch())
     assert info.value.code is ErrorCode.NOT_FOUND
 
 
@@ -165,9 +166,9 @@ def test_fetch_too_large(tmp_path) -> None:
     path = tmp_path / "big.bin"
     path.write_bytes(b"x" * 1000)
     with pytest.raises(RowError) as info:
-        fetch_bytes(str(path), FetchOptions(max_bytes=999))
+        fetch_bytes(str(path), default_fetch(max_bytes=999))
     assert info.value.code is ErrorCode.TOO_LARGE
-    assert fetch_bytes(str(path), FetchOptions(max_bytes=1000)) == b"x" * 1000
+    assert fetch_bytes(str(path), default_fetch(max_bytes=1000)) == b"x" * 1000
 
 
 # ---- decode ---------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_extension_does_not_matter(tmp_path) -> None:
     """A PNG saved as .jpg decodes by content."""
     path = tmp_path / "really_a_png.jpg"
     Image.new("RGB", (10, 10), "green").save(path, format="PNG")
-    assert decode_image(fetch_bytes(str(path), FetchOptions())).size == (10, 10)
+    assert decode_image(fetch_bytes(str(path), default_fetch())).size == (10, 10)
 
 
 @settings(max_examples=300, deadline=None)
@@ -315,7 +316,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
             return np.stack([[0.0, float(x[0])] for x in batch])
 
     handler = Fake(
-        LabelingSpec(model="unused", top_k=1, device="cpu"),
+        LabelingSpec(model="unused", top_k=1, device="cpu").handler,
         id2label={0: "a", 1: "b"},
         function=ClassificationFunction.SOFTMAX,
     )
@@ -327,7 +328,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
 
 
 def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:
-    from transforms.model.handler_base import is_out_of_memory
+    from transforms.model.device import is_out_of_memory
 
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
@@ -340,7 +341,7 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
     """GPU readiness without a GPU: record what the copy to "cuda" asks torch for."""
     import torch
 
-    from transforms.model.handler_base import batch_to_device
+    from transforms.model.device import batch_to_device
 
     calls: list[tuple[str, Any]] = []
 

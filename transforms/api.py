@@ -9,29 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
-from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
 from transforms.errors import ErrorCode, RowError
 from transforms.images.fetch import Fetcher
-from transforms.label import LabelImageRows, LabelingOptions, load_pixel_values
-from transforms.model.image_classification import ImageClassificationModelHandler
+from transforms.label import LabelImageRows, load_pixel_values, make_handler
 from transforms.model.preprocess import ImagePreprocessor
-from transforms.model.zero_shot import ZeroShotModelHandler
-from transforms.rows import ImageRow, Prediction, RecordFormat
-from transforms.spec import ZERO_SHOT, LabelingSpec, resolve
-
-
-def make_handler(spec: LabelingSpec) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:
-    """The RunInference handler for a resolved spec."""
-    if spec.task == ZERO_SHOT:
-        return ZeroShotModelHandler(spec)
-    return ImageClassificationModelHandler(spec)
+from transforms.resolve import resolve, resolve_loaded
+from transforms.rows import ImageRow
+from transforms.spec import LabelingSpec
 
 
 def _as_mapping(element: Any) -> dict[str, Any] | None:
@@ -154,45 +146,12 @@ class LabelImages(beam.PTransform):
         keep_image_field: bool = False,
         **options: Any,
     ) -> None:
-        spec = resolve(LabelingSpec.from_options("LabelImages", options), local=False)
         super().__init__()
-        self._init(spec, image_field, uri_field, keep_image_field)
-
-    def _init(
-        self,
-        spec: LabelingSpec,
-        image_field: str,
-        uri_field: str,
-        keep: bool,
-        record_format: RecordFormat | None = None,
-    ) -> None:
-        self.spec = spec
-        # The embedding column follows the spec, whatever format was passed.
-        self._record_format = dataclasses.replace(
-            record_format or RecordFormat(), embeddings=spec.embeddings
-        )
+        self.spec = resolve(LabelingSpec.from_options("LabelImages", options), local=False)
         self._image_field = image_field
         self._uri_field = uri_field
-        self._keep_image_field = keep
-        self._handler = make_handler(spec)
-        self._preprocessor = ImagePreprocessor(spec.model_spec)
-
-    @classmethod
-    def from_spec(
-        cls,
-        spec: LabelingSpec,
-        *,
-        image_field: str = "image",
-        uri_field: str = "uri",
-        keep_image_field: bool = False,
-        record_format: RecordFormat | None = None,
-    ) -> LabelImages:
-        """Build from a resolved `LabelingSpec` (the CLI job does this, with its
-        join-back columns and `--output-prefix` in `record_format`)."""
-        self = cls.__new__(cls)
-        beam.PTransform.__init__(self)
-        self._init(spec, image_field, uri_field, keep_image_field, record_format)
-        return self
+        self._keep_image_field = keep_image_field
+        self._rows = LabelImageRows.of(self.spec)
 
     def preload(self) -> None:
         """Load the model in the background now, for a run in this process.
@@ -200,40 +159,52 @@ class LabelImages(beam.PTransform):
         Only useful with an in-process runner (the local default); a runner
         with separate worker processes loads its own copies.
         """
-        preload = getattr(self._handler, "preload", None)
-        if preload is not None:
-            preload()
-        self._preprocessor.preload()
+        self._rows.preload()
 
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
         rows = elements | "ToImageRows" >> beam.ParDo(
             _ToImageRows(self._image_field, self._uri_field, self._keep_image_field)
         )
-        records = rows | "Label" >> LabelImageRows(
-            self._handler,
-            self._preprocessor,
-            LabelingOptions(
-                fetch=self.spec.fetch, decode=self.spec.decode, record_format=self._record_format
-            ),
-        )
+        records = rows | "Label" >> self._rows
         return records | "RestoreKeys" >> beam.Map(_restore_key)
 
 
 # ---- classify: the seed's call style, no Beam -----------------------------------
 
-_CACHE: dict[LabelingSpec, tuple[Any, Any, ImagePreprocessor]] = {}
-_RESOLVED: dict[LabelingSpec, LabelingSpec] = {}
+#: Models `classify` keeps loaded, the most recently used first; each distinct
+#: set of options is one entry, and the oldest is dropped past this many.
+CLASSIFY_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    spec: LabelingSpec  # resolved
+    handler: Any
+    model: Any
+    preprocessor: ImagePreprocessor
+
+
+_CACHE: OrderedDict[LabelingSpec, _Loaded] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def _loaded(spec: LabelingSpec) -> tuple[Any, Any, ImagePreprocessor]:
+def _loaded(spec: LabelingSpec) -> _Loaded:
+    """The loaded model of `spec`'s options, from the cache or loaded now."""
     with _CACHE_LOCK:
-        if spec not in _CACHE:
-            handler = make_handler(spec)
-            preprocessor = ImagePreprocessor(spec.model_spec)
-            preprocessor.setup()
-            _CACHE[spec] = (handler, handler.load_model(), preprocessor)
-        return _CACHE[spec]
+        if spec in _CACHE:
+            _CACHE.move_to_end(spec, last=False)
+            return _CACHE[spec]
+        resolved = resolve_loaded(spec, local=True)
+        handler = make_handler(resolved.spec)
+        handler.preload(resolved.weights)  # type: ignore[attr-defined]
+        preprocessor = ImagePreprocessor(resolved.spec.model_spec)
+        preprocessor.setup()
+        entry = _Loaded(resolved.spec, handler, handler.load_model(), preprocessor)
+        _CACHE[spec] = entry
+        _CACHE.move_to_end(spec, last=False)
+        while len(_CACHE) > CLASSIFY_CACHE_SIZE:
+            _CACHE.popitem(last=True)
+        return entry
 
 
 def classify(images: Any, **options: Any) -> Any:
@@ -265,14 +236,8 @@ def classify(images: Any, **options: Any) -> Any:
     """
     single = not isinstance(images, (list, tuple))
     inputs = [images] if single else list(images)
-    spec = LabelingSpec.from_options("classify", options)
-    with _CACHE_LOCK:
-        resolved = _RESOLVED.get(spec)
-    if resolved is None:
-        resolved = resolve(spec, local=True, keep_model=True)
-        with _CACHE_LOCK:
-            _RESOLVED[spec] = resolved
-    handler, loaded, preprocessor = _loaded(resolved)
+    loaded = _loaded(LabelingSpec.from_options("classify", options))
+    resolved, preprocessor = loaded.spec, loaded.preprocessor
     draft_side = preprocessor.draft_side if resolved.fast_decode else None
     fetcher = Fetcher(resolved.fetch)
     try:
@@ -296,7 +261,8 @@ def classify(images: Any, **options: Any) -> Any:
     batch_size = resolved.batching.max_batch_size
     results: list[Any] = []
     for start in range(0, len(pixel_values), batch_size):
-        for result in handler.run_inference(pixel_values[start : start + batch_size], loaded):
+        batch = pixel_values[start : start + batch_size]
+        for result in loaded.handler.run_inference(batch, loaded.model):
             if isinstance(result, RowError):
                 raise ValueError(str(result))
             labels = [

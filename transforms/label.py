@@ -14,6 +14,7 @@ columns plus `label`, `score`, `labels`, `scores`, `status` and `error`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,19 +23,21 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageOps
 
 from transforms.allocator import tune_malloc
-from transforms.errors import ErrorCode, RowError, Status
+from transforms.errors import ErrorCode, RowError
 from transforms.images.decode import DecodeOptions, decode_image
 from transforms.images.fetch import Fetcher, FetchOptions
-from transforms.model.handler_base import METRICS_NAMESPACE
+from transforms.metrics import count_error, count_ok
+from transforms.model.image_classification import ImageClassificationModelHandler
 from transforms.model.inference import isolate_failures
-from transforms.model.preprocess import Preprocessor
+from transforms.model.preprocess import ImagePreprocessor, Preprocessor
+from transforms.model.zero_shot import ZeroShotModelHandler
 from transforms.rows import ImageRow, Prediction, RecordFormat
+from transforms.spec import ZERO_SHOT, LabelingSpec
 from transforms.uri import scheme_of
 
 logger = logging.getLogger(__name__)
@@ -99,15 +102,6 @@ def single_threaded_torch_in_this_thread() -> None:
         logger.debug("could not limit OpenMP threads on a decode thread", exc_info=True)
 
 
-def count_error(error: RowError) -> None:
-    """Beam counters per status and per error code (shown in Dataflow's UI):
-    `images_failed`, `images_failed_<code>`, `rows_<status>`, `error_<code>`."""
-    Metrics.counter(METRICS_NAMESPACE, "images_failed").inc()
-    Metrics.counter(METRICS_NAMESPACE, f"images_failed_{error.code.value}").inc()
-    Metrics.counter(METRICS_NAMESPACE, f"rows_{error.status.value}").inc()
-    Metrics.counter(METRICS_NAMESPACE, f"error_{error.code.value}").inc()
-
-
 class FetchDecodePreprocess(beam.DoFn):
     """Turns an `ImageRow` into `(row, pixel_values)`, or `(row, RowError)` for a
     row that failed (in the same output). Never raises for a bad image.
@@ -120,18 +114,20 @@ class FetchDecodePreprocess(beam.DoFn):
 
     Example::
 
-        keyed = rows | beam.ParDo(FetchDecodePreprocess(ImagePreprocessor(spec)))
+        spec = LabelingSpec(model="default")
+        pre = ImagePreprocessor(spec.model_spec)
+        keyed = rows | beam.ParDo(FetchDecodePreprocess(pre, spec.fetch, spec.decode))
     """
 
     def __init__(
         self,
         preprocessor: Preprocessor,
-        fetch: FetchOptions | None = None,
-        decode: DecodeOptions | None = None,
+        fetch: FetchOptions,
+        decode: DecodeOptions,
     ) -> None:
         self._preprocessor = preprocessor
-        self._fetch = fetch or FetchOptions()
-        self._decode = decode or DecodeOptions()
+        self._fetch = fetch
+        self._decode = decode
 
     def setup(self) -> None:
         if self._decode.tune_malloc:
@@ -253,8 +249,7 @@ def _to_record(item: tuple[ImageRow, Prediction | RowError], fmt: RecordFormat) 
     if isinstance(result, RowError):
         count_error(result)
         return fmt.error(row, result)
-    Metrics.counter(METRICS_NAMESPACE, "images_ok").inc()
-    Metrics.counter(METRICS_NAMESPACE, f"rows_{Status.OK.value}").inc()
+    count_ok()
     return fmt.ok(row, result)
 
 
@@ -317,13 +312,27 @@ class PassRowErrors(ModelHandler[Any, Any, Any]):
         return self._handler.model_copies()
 
 
+def make_handler(spec: LabelingSpec) -> ModelHandler[np.ndarray, Prediction | RowError, Any]:
+    """The RunInference handler for a resolved spec."""
+    if spec.task == ZERO_SHOT:
+        return ZeroShotModelHandler(spec.handler)
+    return ImageClassificationModelHandler(spec.handler)
+
+
 @dataclass(frozen=True)
 class LabelingOptions:
-    """Options of `LabelImages` besides the model handler."""
+    """Options of `LabelImageRows` besides the model: fetch and decode options
+    (from a `LabelingSpec`) and the output record format."""
 
-    fetch: FetchOptions = field(default_factory=FetchOptions)
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    fetch: FetchOptions
+    decode: DecodeOptions
     record_format: RecordFormat = field(default_factory=RecordFormat)
+
+    @classmethod
+    def of(cls, spec: LabelingSpec, record_format: RecordFormat | None = None) -> LabelingOptions:
+        """A spec's options; the embedding column follows the spec."""
+        fmt = dataclasses.replace(record_format or RecordFormat(), embeddings=spec.embeddings)
+        return cls(spec.fetch, spec.decode, fmt)
 
 
 class LabelImageRows(beam.PTransform):
@@ -334,14 +343,17 @@ class LabelImageRows(beam.PTransform):
 
     Example::
 
-        spec = resolve(LabelingSpec(model="default", top_k=5))
-        handler = ImageClassificationModelHandler(spec)
-        records = rows | LabelImageRows(handler, ImagePreprocessor(spec.model_spec))
+        spec = resolve(LabelingSpec(model="default", top_k=5), local=False)
+        handler = ImageClassificationModelHandler(spec.handler)
+        records = rows | LabelImageRows(
+            handler, ImagePreprocessor(spec.model_spec), LabelingOptions.of(spec)
+        )
 
     Args:
         handler: the model handler (image or zero-shot classification).
         preprocessor: the model's image preprocessing, run before batching.
-        options: fetch and decode options, and the output record format.
+        options: fetch and decode options, and the output record format
+            (default: those of `LabelingSpec()`).
     """
 
     def __init__(
@@ -353,7 +365,31 @@ class LabelImageRows(beam.PTransform):
         super().__init__()
         self._handler = handler
         self._preprocessor = preprocessor
-        self._options = options or LabelingOptions()
+        self._options = options or LabelingOptions.of(LabelingSpec())
+
+    @classmethod
+    def of(cls, spec: LabelingSpec, record_format: RecordFormat | None = None) -> LabelImageRows:
+        """The rows labeler of a resolved spec: its handler, its model's
+        preprocessor, its fetch and decode options."""
+        return cls(
+            make_handler(spec),
+            ImagePreprocessor(spec.model_spec),
+            LabelingOptions.of(spec, record_format),
+        )
+
+    def preload(self, weights: Any = None) -> None:
+        """Start loading the model and its processor in this process now, for an
+        in-process run (they load while Beam plans and reads). `weights`: the
+        model `resolve_loaded` loaded to check it, so it is not read again.
+
+        A runner with separate worker processes loads its own copies.
+        """
+        preload = getattr(self._handler, "preload", None)
+        if preload is not None:
+            preload(weights)
+        preload = getattr(self._preprocessor, "preload", None)
+        if preload is not None:
+            preload()
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         fmt = self._options.record_format

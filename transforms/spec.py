@@ -9,7 +9,7 @@ Options are checked in two steps, both before anything runs:
 
 1. `LabelingSpec(...)` parses each value and rejects contradictions that need
    no model (fp16 on CPU, labels without zero-shot, ...).
-2. `resolve(spec)` probes the model, as HF's pipelines sort their parameters
+2. `transforms.resolve.resolve(spec)` probes the model, as HF's pipelines sort their parameters
    once at the edge (`_sanitize_parameters`): it decides the task (a CLIP or
    SigLIP checkpoint has no classification head, so candidate labels mean
    zero-shot), reads the label file, loads the weights once to refuse a model
@@ -20,9 +20,6 @@ Options are checked in two steps, both before anything runs:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +27,15 @@ from typing import Any
 from transforms.images.decode import DEFAULT_MAX_PIXELS, DecodeOptions
 from transforms.images.fetch import DEFAULT_ALLOWED_SCHEMES, FetchOptions
 from transforms.model.batching import BatchSettings, batch_settings
+from transforms.model.device import check_device_support
 from transforms.model.label_set import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     LabelSet,
     LabelSetError,
-    is_sigmoid_family,
 )
-from transforms.model.loading import ModelLoadError, ModelSpec
-from transforms.model.postprocess import ClassificationFunction, resolve_function
+from transforms.model.loading import ModelSpec
+from transforms.model.postprocess import ClassificationFunction
+from transforms.model.settings import HandlerSettings
 from transforms.options import (
     ConfigError,
     boolean,
@@ -85,7 +83,7 @@ class LabelingSpec:
 
     Construct it with keywords; each value is parsed and checked here and a bad
     one raises `ConfigError` (a ValueError) naming the option. `resolve(spec)`
-    then checks the model itself.
+    then checks the model itself (`transforms.resolve`).
 
     Example::
 
@@ -288,6 +286,28 @@ class LabelingSpec:
             max_batch_duration_secs=self.max_batch_duration_secs,
         )
 
+    @property
+    def handler(self) -> HandlerSettings:
+        """What the model handler needs of these settings."""
+        zero_shot = self.task == ZERO_SHOT
+        return HandlerSettings(
+            model=self.model_spec,
+            labels=self.label_set if zero_shot else None,
+            function_to_apply=self.function_to_apply,
+            top_k=self.top_k,
+            threshold=self.threshold,
+            embeddings=self.embeddings,
+            device=self.device,
+            precision=self.precision,
+            quantize=self.quantize,
+            compile=self.compile,
+            torch_threads=self.torch_threads,
+            tune_malloc=self.tune_malloc,
+            batching=self.batching,
+            model_copies=self.model_copies,
+            share_model_across_processes=self.share_model_across_processes,
+        )
+
     def effective(self) -> dict[str, Any]:
         """The settings that actually run, for summary.json."""
         return {
@@ -359,234 +379,3 @@ def check_combinations(spec: LabelingSpec) -> None:
             raise ConfigError(
                 "--hypothesis-template applies only to --task zero-shot-image-classification"
             )
-
-
-# ---- resolving against the model ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the labeler needs to know of a model's config."""
-
-    model_type: str
-    zero_shot_only: bool  # a dual encoder (CLIP, SigLIP) without a classification head
-    id2label: dict[int, str]
-    config: Any = dataclasses.field(repr=False, compare=False, default=None)
-
-
-@functools.lru_cache(maxsize=16)
-def model_facts(spec: ModelSpec) -> ModelFacts:
-    """Load the model's config (once per process) and describe it.
-
-    Raises:
-        ModelLoadError: the model cannot be found; the message says what to do.
-    """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    from transforms.model.loading import explain_load_error, from_pretrained_kwargs, resolve_model
-
-    kwargs = {k: v for k, v in from_pretrained_kwargs(spec).items() if k != "use_safetensors"}
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(spec), **kwargs)
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        raise explain_load_error(spec, e) from e
-    model_type = str(config.model_type)
-    architectures = list(getattr(config, "architectures", None) or [])
-    classifier_names = set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
-    has_head = any(
-        a in classifier_names or a.endswith("ForImageClassification") for a in architectures
-    )
-    dual = model_type in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES or (
-        hasattr(config, "text_config") and hasattr(config, "vision_config")
-    )
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    return ModelFacts(model_type, dual and not has_head, id2label, config)
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" means cuda when torch sees a GPU, else cpu.
-
-    Raises:
-        ConfigError: cuda was asked for and torch sees no GPU.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but torch sees no CUDA device here; use --device cpu "
-            "(or auto), or run on a machine with a GPU"
-        )
-    return device
-
-
-def check_device_support(device: str, precision: str, quantize: str) -> None:
-    """Refuse a precision or quantization that the device cannot run: the one check
-    for a device named by the user, resolved on a local run, or resolved on a worker.
-
-    Raises:
-        ConfigError: naming the option.
-    """
-    if precision == "fp16" and device == "cpu":
-        raise ConfigError(
-            "--precision fp16 needs a GPU and the device is cpu (--device auto resolves to "
-            "cpu without one); use --precision bf16 or fp32 on CPU"
-        )
-    if quantize != "none" and device != "cpu":
-        raise ConfigError(
-            f"--quantize {quantize} runs on CPU only, not on {device}; use --precision fp16 "
-            "on a GPU"
-        )
-
-
-def read_label_file(path: str) -> tuple[str, ...]:
-    """One label per line (local or any fsspec URI); blank lines are skipped."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            return tuple(line.strip() for line in f if line.strip())
-    except FileNotFoundError:
-        raise ConfigError(f"--candidate-labels-file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--candidate-labels-file {path} is not UTF-8 text: {e}") from None
-
-
-def resolve(
-    spec: LabelingSpec, *, local: bool, check_weights: bool = True, keep_model: bool = False
-) -> LabelingSpec:
-    """Check `spec` against its model and return the concrete spec that runs.
-
-    Args:
-        spec: a checked spec.
-        local: the job runs on this machine, so "auto" becomes the device this
-            machine has, and a device or precision it cannot run is refused
-            now (exit 2) instead of on the workers.
-        check_weights: load the weights once to refuse a model that
-            transformers would partly initialize at random.
-        keep_model: keep that loaded model for this process's handler (an
-            in-process run), so the weights are read once.
-
-    Raises:
-        ConfigError, ModelLoadError: with a message that says what to pass.
-    """
-    facts = model_facts(spec.model_spec)
-    has_labels = spec.candidate_labels is not None or spec.candidate_labels_file is not None
-    task = spec.task
-    if task is None:
-        if facts.zero_shot_only:
-            if not has_labels:
-                raise ConfigError(
-                    f"model {spec.model!r} ({facts.model_type}) is a zero-shot model with no "
-                    "classification head: pass --candidate-labels 'a,b,c' (or "
-                    "--candidate-labels-file FILE) to label images against your labels"
-                )
-            task = ZERO_SHOT
-        else:
-            task = IMAGE_CLASSIFICATION
-            if has_labels:
-                raise ConfigError(
-                    f"--candidate-labels need a CLIP- or SigLIP-family model; {spec.model!r} "
-                    f"({facts.model_type}) is an image classifier"
-                )
-    changes: dict[str, Any] = {"task": task}
-    if task == ZERO_SHOT:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        )
-
-        if facts.model_type not in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-            raise ModelLoadError(
-                f"model {spec.model!r} (model_type {facts.model_type!r}) has no image/text "
-                "towers; zero-shot classification needs a CLIP- or SigLIP-family model"
-            )
-        if spec.candidate_labels_file is not None:
-            labels = read_label_file(spec.candidate_labels_file)
-            try:
-                LabelSet(labels, spec.hypothesis_template)
-            except LabelSetError as e:
-                raise ConfigError(
-                    f"--candidate-labels-file {spec.candidate_labels_file}: {e}"
-                ) from None
-            changes.update(candidate_labels=labels, candidate_labels_file=None)
-    elif not facts.id2label:
-        raise ModelLoadError(f"model {spec.model!r} has no id2label in its config")
-    if local:
-        device = resolve_device(spec.device)
-        check_device_support(device, spec.precision, spec.quantize)
-        changes["device"] = device
-    resolved = dataclasses.replace(spec, **changes)
-    if check_weights:
-        from transforms.model.loading import check_pretrained
-
-        check_pretrained(
-            resolved.model_spec,
-            zero_shot=task == ZERO_SHOT,
-            precision=resolved.precision,
-            keep=keep_model,
-        )
-    return resolved
-
-
-def model_labels(spec: LabelingSpec) -> list[str]:
-    """Every label a resolved spec can give, in the model's order (candidate
-    labels for zero-shot, `id2label` for a classifier)."""
-    if spec.task == ZERO_SHOT:
-        return list(spec.label_set.labels)
-    id2label = model_facts(spec.model_spec).id2label
-    return [id2label[i] for i in sorted(id2label)]
-
-
-def metadata(spec: LabelingSpec) -> dict[str, str]:
-    """Parquet key-value metadata that describes how a resolved spec labels."""
-    from transforms import __version__
-    from transforms.model.default_model import DEFAULT_MODEL_NAME
-
-    facts = model_facts(spec.model_spec)
-    name = f"default ({DEFAULT_MODEL_NAME})" if spec.model_spec.is_default else spec.model
-    meta = {
-        "image_labeler.version": __version__,
-        "image_labeler.task": str(spec.task),
-        "image_labeler.model": name,
-        "image_labeler.revision": spec.revision or "",
-        "image_labeler.top_k": str(spec.top_k),
-        "image_labeler.decode": "fast" if spec.fast_decode else "exact",
-    }
-    if spec.threshold is not None:
-        meta["image_labeler.threshold"] = repr(spec.threshold)
-    if spec.embeddings:
-        meta["image_labeler.embedding"] = (
-            "image embedding (get_image_features), L2-normalized"
-            if spec.task == ZERO_SHOT
-            else "input of the classification head, L2-normalized"
-        )
-    if spec.task == ZERO_SHOT:
-        label_set = spec.label_set
-        meta.update(
-            {
-                "image_labeler.function_to_apply": "sigmoid"
-                if is_sigmoid_family(facts.model_type)
-                else "softmax",
-                "image_labeler.num_labels": str(len(label_set.labels)),
-                "image_labeler.label_count": str(len(label_set.labels)),
-                "image_labeler.label_set_sha256": label_set.digest(),
-                "image_labeler.hypothesis_templates": json.dumps(list(label_set.templates)),
-            }
-        )
-    else:
-        meta.update(
-            {
-                "image_labeler.function_to_apply": resolve_function(
-                    spec.function_to_apply, facts.config
-                ).value,
-                "image_labeler.num_labels": str(len(facts.id2label)),
-            }
-        )
-    return meta

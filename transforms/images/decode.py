@@ -30,9 +30,10 @@ except ImportError:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeOptions:
-    """How images are decoded (checked by `LabelingSpec`, which builds this).
+    """How images are decoded: built by `LabelingSpec.decode`, where every option
+    has its default, check and help text (`LabelingSpec().decode` for defaults).
 
     Attributes:
         max_pixels: decompression-bomb limit.
@@ -43,10 +44,10 @@ class DecodeOptions:
         tune_malloc: apply `transforms.allocator.tune_malloc` in the worker.
     """
 
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    fast: bool = False
-    threads: int = 2
-    tune_malloc: bool = True  # see transforms.allocator
+    max_pixels: int
+    fast: bool
+    threads: int
+    tune_malloc: bool  # see transforms.allocator
 
 
 def decode_image(

@@ -48,9 +48,10 @@ _USER_AGENT = "beam-image-labeler/0.1 (+batch image labeling)"
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FetchOptions:
-    """How images are fetched.
+    """How images are fetched: built by `LabelingSpec.fetch`, where every option
+    has its default, check and help text (`LabelingSpec().fetch` for defaults).
 
     Attributes:
         allowed_schemes: URI schemes that may be fetched; others are `invalid_input`.
@@ -68,16 +69,17 @@ class FetchOptions:
             and cloud metadata addresses are always refused).
     """
 
-    allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES
-    timeout_s: float = 30.0
-    max_bytes: int = 50 << 20
-    retries: int = 3
-    concurrency: int = 64
-    per_host: int = 32
+    allowed_schemes: tuple[str, ...]
+    timeout_s: float
+    max_bytes: int
+    retries: int
+    concurrency: int
+    per_host: int
+    block_private_networks: bool
+    # Not options: fixed policy, overridden only by tests.
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_redirects: int = 10
-    block_private_networks: bool = False
 
 
 def check_uri(uri: str | None, options: FetchOptions) -> str:
@@ -219,13 +221,13 @@ class Fetcher:
 
     Example::
 
-        fetcher = Fetcher(FetchOptions(retries=2))
+        fetcher = Fetcher(LabelingSpec(fetch_retries=2).fetch)
         data = fetcher.fetch("https://example.org/cat.jpg")  # bytes, or raises RowError
         fetcher.close()
     """
 
-    def __init__(self, options: FetchOptions | None = None) -> None:
-        self.options = options or FetchOptions()
+    def __init__(self, options: FetchOptions) -> None:
+        self.options = options
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -451,7 +453,7 @@ class Fetcher:
         return bytes(data)
 
 
-def fetch_bytes(uri: str | None, options: FetchOptions | None = None) -> bytes:
+def fetch_bytes(uri: str | None, options: FetchOptions) -> bytes:
     """Fetch one object with a short-lived `Fetcher` (for one-off use and tests)."""
     fetcher = Fetcher(options)
     try:

@@ -19,76 +19,25 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.allocator import tune_malloc
 from transforms.errors import RowError
-from transforms.model.inference import isolate_failures, start_preload, take_preloaded
+from transforms.metrics import METRICS_NAMESPACE
+from transforms.model.device import (
+    check_device_support,
+    is_out_of_memory,
+    release_cached_memory,
+    resolve_device,
+    torch_dtype,
+)
+from transforms.model.inference import isolate_failures
 from transforms.model.postprocess import ClassificationFunction, apply_function, top_k_predictions
+from transforms.model.preload import Preload
+from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.compiled import CompiledForward
+from transforms.model.speedups.quantize import quantize_int8
 from transforms.rows import Prediction
-from transforms.spec import LabelingSpec, check_device_support, resolve_device
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "image_labeler"
-
 LoadedT = TypeVar("LoadedT")
-
-
-def torch_dtype(precision: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def batch_to_device(batch: Sequence[np.ndarray], device: str, dtype: Any) -> Any:
-    """Stack a batch into one tensor on `device`.
-
-    On CUDA the host tensor is pinned and copied with `non_blocking=True`, so
-    the copy overlaps the work already queued on the GPU; on CPU the stacked
-    array is used in place (`torch.from_numpy` shares its memory).
-    """
-    import torch
-
-    tensor = torch.from_numpy(np.stack(batch))
-    if device.startswith("cuda"):
-        return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)
-    return tensor.to(dtype=dtype)
-
-
-def quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantization of every `nn.Linear` (weights int8, activations
-    quantized per batch): for transformers (ViT, CLIP) on CPU, where Linear
-    layers are nearly all of the compute. Convolutions stay fp32.
-    """
-    import warnings
-
-    import torch
-
-    quantize_dynamic = getattr(torch.ao.quantization, "quantize_dynamic", None)
-    if quantize_dynamic is None:
-        raise RuntimeError(
-            f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic; "
-            "run without --quantize"
-        )
-    with warnings.catch_warnings():
-        # Deprecated in favour of torchao, still present and working in the pinned torch.
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA (or other accelerator) out-of-memory error."""
-    import torch
-
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(error, oom):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def release_cached_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class TorchHandlerBase(
@@ -96,65 +45,53 @@ class TorchHandlerBase(
 ):
     """Base of the image-classification and zero-shot handlers.
 
-    A handler is built from a checked `LabelingSpec` (its options are validated
-    there, once). The loaded model only maps a batch to logits; top-k and the
-    score function are postprocessing, applied here after the model call
-    (`postprocess`), as Beam's `PredictionResult` postprocessing and HF's
-    `postprocess` step do.
+    A handler is built from `HandlerSettings` (`LabelingSpec.handler`: its
+    options are checked there, once). The loaded model only maps a batch to
+    logits; top-k and the score function are postprocessing, applied here
+    after the model call (`postprocess`), as Beam's `PredictionResult`
+    postprocessing and HF's `postprocess` step do.
 
     Args:
-        labeling: the checked spec (model, top_k, device, precision, batching,
-            model_copies, share_model_across_processes, torch_threads, compile,
-            quantize).
+        settings: the handler's settings.
         id2label: label of each logit column.
         function: the resolved score function.
     """
 
     def __init__(
         self,
-        labeling: LabelingSpec,
+        settings: HandlerSettings,
         *,
         id2label: dict[int, str],
         function: ClassificationFunction,
     ) -> None:
-        batching = labeling.batching
         super().__init__(
-            **batching.as_kwargs(),
-            large_model=labeling.share_model_across_processes,
-            model_copies=labeling.model_copies,
+            **settings.batching.as_kwargs(),
+            large_model=settings.share_model_across_processes,
+            model_copies=settings.model_copies,
         )
-        self.labeling = labeling
-        self._spec = labeling.model_spec
-        self._top_k = labeling.top_k
-        self._threshold = labeling.threshold
-        self._embeddings = labeling.embeddings
-        self._device = labeling.device
-        self._precision = labeling.precision
-        self._torch_threads = labeling.torch_threads
-        self._compile = labeling.compile
-        self._quantize = labeling.quantize
-        self._batch_size = batching.max_batch_size
+        self.settings = settings
         self._id2label = id2label
         self._function = function
+        self._preloaded: Preload[LoadedT] = Preload()
 
     # -- loading -------------------------------------------------------------
 
-    def cache_key(self) -> str:
-        """Identifies what `load_model` builds (for preloading)."""
-        return repr((type(self).__name__, sorted(vars(self).items(), key=lambda kv: kv[0])))
-
-    def preload(self) -> None:
+    def preload(self, weights: Any = None) -> None:
         """Start loading the model in the background (local in-process runs).
+
+        Args:
+            weights: the model `transforms.resolve.resolve_loaded` already
+                loaded to check it; it is prepared instead of read again.
 
         Not for a model shared across processes: RunInference loads that one in
         a server process of its own, so a copy loaded here would go unused.
         """
         if self.share_model_across_processes():
             return
-        start_preload(self.cache_key(), self._load)
+        self._preloaded.start(lambda: self._load(weights))
 
     def load_model(self) -> LoadedT:
-        preloaded = take_preloaded(self.cache_key())
+        preloaded = self._preloaded.take()
         return preloaded if preloaded is not None else self._load()
 
     def _torch_setup(self) -> tuple[str, Any]:
@@ -165,23 +102,25 @@ class TorchHandlerBase(
         """
         from transformers.utils import logging as hf_logging
 
-        if self.labeling.tune_malloc:
+        settings = self.settings
+        if settings.tune_malloc:
             tune_malloc()
         hf_logging.disable_progress_bar()
-        if self._torch_threads:
+        if settings.torch_threads:
             import torch
 
-            torch.set_num_threads(self._torch_threads)
-        device = resolve_device(self._device)
-        check_device_support(device, self._precision, self._quantize)
-        return device, torch_dtype(self._precision)
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        check_device_support(device, settings.precision, settings.quantize)
+        return device, torch_dtype(settings.precision)
 
-    def _load(self) -> LoadedT:
+    def _load(self, weights: Any = None) -> LoadedT:
+        """Load (or, given `weights`, prepare) the model on this worker."""
         raise NotImplementedError
 
     def _optimize(self, model: Any, device: str) -> Any:
         """Apply `quantize` to a loaded model (in eval mode, on its device)."""
-        if self._quantize == "none":  # check_device_support refused it off the CPU
+        if self.settings.quantize == "none":  # check_device_support refused it off the CPU
             return model
         return quantize_int8(model)
 
@@ -193,7 +132,10 @@ class TorchHandlerBase(
         """
         blocking = os.environ.get("IMAGE_LABELER_COMPILE_BLOCKING") == "1"
         return CompiledForward(
-            fn, batch_size=self._batch_size, enabled=self._compile, background=not blocking
+            fn,
+            batch_size=self.settings.batching.max_batch_size,
+            enabled=self.settings.compile,
+            background=not blocking,
         )
 
     # -- inference -----------------------------------------------------------
@@ -243,8 +185,8 @@ class TorchHandlerBase(
         return top_k_predictions(
             apply_function(logits, self._function),
             self._id2label,
-            self._top_k,
-            threshold=self._threshold,
+            self.settings.top_k,
+            threshold=self.settings.threshold,
             embeddings=embeddings,
         )
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from transforms.model.handler_base import TorchHandlerBase, batch_to_device
-from transforms.model.loading import load_pretrained
+from transforms.model.device import batch_to_device
+from transforms.model.handler_base import TorchHandlerBase
+from transforms.model.loading import load_pretrained, model_facts
 from transforms.model.postprocess import resolve_function
+from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.batchnorm import fold_batchnorm
 from transforms.model.speedups.compiled import CompiledForward
 from transforms.model.speedups.static_padding import make_tf_padding_static
-from transforms.spec import LabelingSpec, model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -161,25 +162,30 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
     Example::
 
         spec = resolve(LabelingSpec(model="path/to/model", top_k=3), local=True)
-        keyed = KeyedModelHandler(ImageClassificationModelHandler(spec))
+        keyed = KeyedModelHandler(ImageClassificationModelHandler(spec.handler))
         results = keyed_pixel_values | RunInference(keyed)
 
     Args:
-        labeling: a checked spec; `top_k` and `function_to_apply` are applied
-            in postprocessing, after the forward pass.
+        settings: the handler's settings; `top_k` and `function_to_apply` are
+            applied in postprocessing, after the forward pass.
     """
 
-    def __init__(self, labeling: LabelingSpec) -> None:
-        facts = model_facts(labeling.model_spec)
+    def __init__(self, settings: HandlerSettings) -> None:
+        facts = model_facts(settings.model)
         super().__init__(
-            labeling,
+            settings,
             id2label=facts.id2label,
-            function=resolve_function(labeling.function_to_apply, facts.config),
+            function=resolve_function(settings.function_to_apply, facts.config),
         )
 
-    def _load(self) -> LoadedClassifier:
+    def _load(self, weights: Any = None) -> LoadedClassifier:
         device, dtype = self._torch_setup()
-        model = load_pretrained(self._spec, zero_shot=False, precision=self._precision)
+        settings = self.settings
+        model = (
+            weights
+            if weights is not None
+            else load_pretrained(settings.model, zero_shot=False, precision=settings.precision)
+        )
         model.eval().to(device)
         padded, folded = streamline_classifier(model, device)
         if folded:
@@ -189,9 +195,9 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         memory_format = preferred_memory_format(model)
         if memory_format is not None:
             model.to(memory_format=memory_format)
-        head_name = classifier_head_name(model) if self._embeddings else ""
+        head_name = classifier_head_name(model) if settings.embeddings else ""
         model = self._optimize(model, device)
-        if not self._embeddings:
+        if not settings.embeddings:
             return LoadedClassifier(
                 model=model,
                 device=device,

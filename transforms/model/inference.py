@@ -1,12 +1,10 @@
-"""Helpers shared by our ModelHandlers."""
+"""Per-image isolation of inference failures, shared by our ModelHandlers."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from transforms.errors import ErrorCode, RowError
 from transforms.rows import Prediction
@@ -34,38 +32,3 @@ def isolate_failures(
     for example in batch:
         results.extend(isolate_failures([example], predict))
     return results
-
-
-# ---- preloading ---------------------------------------------------------------------
-
-_PRELOADED: dict[str, Future[Any]] = {}
-_PRELOAD_LOCK = threading.Lock()
-
-
-def start_preload(key: str, load: Callable[[], Any]) -> None:
-    """Start loading a model in a background thread of this process.
-
-    For local in-process runs the launcher calls this before the pipeline
-    starts, so the model loads while Beam plans stages and reads the input;
-    the handler's `load_model` then takes the result (`take_preloaded`).
-    """
-    with _PRELOAD_LOCK:
-        if key in _PRELOADED:
-            return
-        future: Future[Any] = Future()
-        _PRELOADED[key] = future
-
-    def work() -> None:
-        try:
-            future.set_result(load())
-        except BaseException as e:  # surfaced by take_preloaded in load_model
-            future.set_exception(e)
-
-    threading.Thread(target=work, name="preload-model", daemon=True).start()
-
-
-def take_preloaded(key: str) -> Any | None:
-    """The preloaded model for `key` (waiting for it), once; None if none was started."""
-    with _PRELOAD_LOCK:
-        future = _PRELOADED.pop(key, None)
-    return None if future is None else future.result()

@@ -1,16 +1,20 @@
-"""Finding a model: the offline default, a local directory, gs://, or a hub id."""
+"""Finding and loading a model: the offline default, a local directory, gs://,
+or a hub id; what its config says (`model_facts`); its weights, never partly
+random (`load_pretrained`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transforms.model.default_model import build_cached_dir, cache_root, default_model_dir
+from transforms.model.device import torch_dtype
 from transforms.uri import is_remote, strip_file_scheme
 
 logger = logging.getLogger(__name__)
@@ -75,10 +79,12 @@ def resolve_model(spec: ModelSpec) -> str:
     return model  # a hub id
 
 
-def from_pretrained_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """Keyword arguments shared by every `from_pretrained` call for this spec."""
+def from_pretrained_kwargs(spec: ModelSpec, *, weights: bool = False) -> dict[str, Any]:
+    """Keyword arguments of every `from_pretrained` call for this spec: configs,
+    processors and tokenizers, and with `weights` the model itself (only
+    safetensors unless `allow_pickle_weights`)."""
     kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if not spec.allow_pickle_weights:
+    if weights and not spec.allow_pickle_weights:
         kwargs["use_safetensors"] = True
     if spec.revision and not spec.is_default:
         kwargs["revision"] = spec.revision
@@ -104,10 +110,52 @@ def explain_load_error(spec: ModelSpec, error: BaseException) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {spec.model!r}: {text}.{hint}")
 
 
-# ---- loading weights: never a silently random model ---------------------------------
+# ---- what a model is ------------------------------------------------------------------
 
-_KEPT: dict[tuple[ModelSpec, bool, str], Any] = {}
-_KEPT_LOCK = threading.Lock()
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the labeler needs to know of a model's config."""
+
+    model_type: str
+    zero_shot_only: bool  # a dual encoder (CLIP, SigLIP) without a classification head
+    id2label: dict[int, str]
+    config: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+
+@functools.lru_cache(maxsize=16)
+def model_facts(spec: ModelSpec) -> ModelFacts:
+    """Load the model's config (once per process) and describe it.
+
+    Raises:
+        ModelLoadError: the model cannot be found; the message says what to do.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec), **from_pretrained_kwargs(spec))
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise explain_load_error(spec, e) from e
+    model_type = str(config.model_type)
+    architectures = list(getattr(config, "architectures", None) or [])
+    classifier_names = set(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
+    has_head = any(
+        a in classifier_names or a.endswith("ForImageClassification") for a in architectures
+    )
+    dual = model_type in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES or (
+        hasattr(config, "text_config") and hasattr(config, "vision_config")
+    )
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return ModelFacts(model_type, dual and not has_head, id2label, config)
+
+
+# ---- loading weights: never a silently random model ---------------------------------
 
 
 def _model_class(zero_shot: bool) -> Any:
@@ -126,25 +174,17 @@ def load_pretrained(spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32"
     transformers fills weights missing from a checkpoint with random values and
     only logs it (a CLIP checkpoint loaded as a classifier gets a random head;
     a base model gets a random `classifier.*`). Labels from such a model are
-    noise, so a missing weight is an error that names it. A model kept by
-    `check_pretrained(keep=True)` in this process is returned instead of
-    loading it again.
+    noise, so a missing weight is an error that names it.
 
     Raises:
         ModelLoadError: the model cannot be loaded, or weights are missing.
     """
-    with _KEPT_LOCK:
-        kept = _KEPT.pop((spec, zero_shot, precision), None)
-    if kept is not None:
-        return kept
-    from transforms.model.handler_base import torch_dtype
-
     try:
         model, info = _model_class(zero_shot).from_pretrained(
             resolve_model(spec),
             dtype=torch_dtype(precision),
             output_loading_info=True,
-            **from_pretrained_kwargs(spec),
+            **from_pretrained_kwargs(spec, weights=True),
         )
     except ModelLoadError:
         raise
@@ -168,18 +208,3 @@ def load_pretrained(spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32"
             f"random ({shown}), so its labels would be noise{hint}"
         )
     return model
-
-
-def check_pretrained(
-    spec: ModelSpec, *, zero_shot: bool, precision: str = "fp32", keep: bool = False
-) -> None:
-    """Load the weights once now (see `load_pretrained`), keeping them for this
-    process's handler when `keep`.
-
-    Raises:
-        ModelLoadError: the model cannot be loaded, or weights are missing.
-    """
-    model = load_pretrained(spec, zero_shot=zero_shot, precision=precision)
-    if keep:
-        with _KEPT_LOCK:
-            _KEPT[(spec, zero_shot, precision)] = model

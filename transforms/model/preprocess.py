@@ -13,13 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from transforms.model.inference import start_preload, take_preloaded
 from transforms.model.loading import (
     ModelSpec,
     explain_load_error,
     from_pretrained_kwargs,
     resolve_model,
 )
+from transforms.model.preload import Preload
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,8 @@ def load_image_processor(spec: ModelSpec) -> Any:
     from transformers import AutoImageProcessor
 
     path = resolve_model(spec)
-    kwargs = from_pretrained_kwargs(spec)
-    kwargs.pop("use_safetensors", None)  # weights only
     try:
-        return AutoImageProcessor.from_pretrained(path, **kwargs)
+        return AutoImageProcessor.from_pretrained(path, **from_pretrained_kwargs(spec))
     except Exception as e:
         raise explain_load_error(spec, e) from e
 
@@ -77,10 +75,7 @@ class ImagePreprocessor:
     def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
         self._processor: Any = None
-
-    @property
-    def cache_key(self) -> str:
-        return repr(("image-processor", self._spec))
+        self._preloaded: Preload[Any] = Preload()
 
     def preload(self) -> None:
         """Start loading the processor in the background (local in-process runs).
@@ -88,11 +83,11 @@ class ImagePreprocessor:
         Loading it imports the model family's modules (timm and torchvision for
         the default model): about 2 s that otherwise sit in the first bundle.
         """
-        start_preload(self.cache_key, lambda: load_image_processor(self._spec))
+        self._preloaded.start(lambda: load_image_processor(self._spec))
 
     def setup(self) -> None:
         if self._processor is None:
-            preloaded = take_preloaded(self.cache_key)
+            preloaded = self._preloaded.take()
             self._processor = (
                 preloaded if preloaded is not None else load_image_processor(self._spec)
             )

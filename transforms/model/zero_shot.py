@@ -22,17 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from transforms.model.handler_base import TorchHandlerBase, batch_to_device
+from transforms.model.device import batch_to_device
+from transforms.model.handler_base import TorchHandlerBase
 from transforms.model.label_set import LabelSet, is_sigmoid_family
 from transforms.model.loading import (
     explain_load_error,
     from_pretrained_kwargs,
     load_pretrained,
+    model_facts,
     resolve_model,
 )
 from transforms.model.postprocess import ClassificationFunction
+from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.compiled import CompiledForward
-from transforms.spec import LabelingSpec, model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -122,39 +124,49 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
     Example::
 
         spec = LabelingSpec(model="path/to/clip", candidate_labels=("cat", "dog"), top_k=2)
-        handler = ZeroShotModelHandler(resolve(spec, local=True))
+        handler = ZeroShotModelHandler(resolve(spec, local=True).handler)
         results = keyed_pixel_values | RunInference(KeyedModelHandler(handler))
 
     Args:
-        labeling: a checked spec with candidate labels (`resolve` reads a label file).
+        settings: the handler's settings, with the label set (`resolve` reads
+            a label file).
         text_batch_size: prompts per text-tower pass while building the bank.
     """
 
-    def __init__(self, labeling: LabelingSpec, *, text_batch_size: int = TEXT_BATCH_SIZE) -> None:
+    def __init__(
+        self, settings: HandlerSettings, *, text_batch_size: int = TEXT_BATCH_SIZE
+    ) -> None:
         if text_batch_size < 1:
             raise ValueError("text_batch_size must be >= 1")
-        label_set = labeling.label_set
-        sigmoid = is_sigmoid_family(model_facts(labeling.model_spec).model_type)
+        if settings.labels is None:
+            raise ValueError("zero-shot classification needs a label set")
+        label_set = settings.labels
+        sigmoid = is_sigmoid_family(model_facts(settings.model).model_type)
         super().__init__(
-            labeling,
+            settings,
             id2label=dict(enumerate(label_set.labels)),
             function=ClassificationFunction.SIGMOID if sigmoid else ClassificationFunction.SOFTMAX,
         )
         self._label_set = label_set
         self._text_batch_size = text_batch_size
 
-    def _load(self) -> LoadedZeroShot:
+    def _load(self, weights: Any = None) -> LoadedZeroShot:
         from transformers import AutoTokenizer
 
         device, dtype = self._torch_setup()
-        model = load_pretrained(self._spec, zero_shot=True, precision=self._precision)
-        kwargs = from_pretrained_kwargs(self._spec)
-        kwargs.pop("use_safetensors", None)
+        spec = self.settings.model
+        model = (
+            weights
+            if weights is not None
+            else load_pretrained(spec, zero_shot=True, precision=self.settings.precision)
+        )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self._spec), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model(spec), **from_pretrained_kwargs(spec)
+            )
         except Exception as e:
-            raise explain_load_error(self._spec, e) from e
-        check_dual_encoder(model, self._spec.model)
+            raise explain_load_error(spec, e) from e
+        check_dual_encoder(model, spec.model)
         model.eval().to(device)
         bank = encode_label_bank(model, tokenizer, self._label_set, device, self._text_batch_size)
         # After the bank: the label embeddings stay exact, only the image tower is quantized.
@@ -175,7 +187,7 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
             image_features=self._forward_fn(
                 lambda x: _features(model.get_image_features(pixel_values=x))
             ),
-            embeddings=self._embeddings,
+            embeddings=self.settings.embeddings,
         )
 
     @staticmethod
