@@ -33,6 +33,7 @@ from transforms.options import (
     OptionInfo,
     boolean,
     choice,
+    default_of,
     flag,
     non_negative_int,
     option,
@@ -95,8 +96,9 @@ class JobConfig:
     input: str = option(
         None,
         text,
-        "manifest (txt/CSV/JSONL), Parquet or WebDataset .tar shards: file, glob, "
-        "brace pattern ({000000..000099}) or URI",
+        "manifest (txt/CSV/JSONL, possibly compressed), Parquet, Arrow (a datasets "
+        "save_to_disk folder), an img2dataset folder or WebDataset .tar shards: file, glob, "
+        "folder, brace pattern ({000000..000099}) or URI (local, gs://, http(s)://, s3://)",
         metavar="INPUT",
         path=True,
     )
@@ -109,7 +111,11 @@ class JobConfig:
         path=True,
     )
     input_format: str = option(
-        "auto", choice(("auto", *FORMATS)), "input format; auto goes by extension", "FORMAT"
+        "auto",
+        choice(("auto", *FORMATS)),
+        "input format; auto goes by extension (unknown ones are plain text) and "
+        "recognizes img2dataset and save_to_disk folders",
+        "FORMAT",
     )
     input_encoding: str = option(
         "utf-8",
@@ -134,10 +140,18 @@ class JobConfig:
         False, boolean, "copy the image bytes to the output too", switch=True
     )
     num_shards: int = option(
-        0, non_negative_int, "output Parquet shards; 0 lets the runner decide", "N"
+        0,
+        non_negative_int,
+        "0: part files committed as the run goes; N: exactly N files, written at "
+        "the end by Beam's sink",
+        "N",
     )
     overwrite: bool = option(
-        False, boolean, "replace the shards and summary in a non-empty --output", switch=True
+        False,
+        boolean,
+        "replace this tool's files in a non-empty --output once this run "
+        "commits (until then the previous output stays readable)",
+        switch=True,
     )
     resume: bool = option(
         False,
@@ -264,6 +278,35 @@ examples:
 exit codes: 0 ran (some rows may have failed), 1 the job failed while running,
 2 bad configuration or input (nothing was read or written), 3 --max-error-rate exceeded.
 """
+
+
+def _default_text(name: str, default: Any) -> str:
+    if name in ("input", "output"):
+        return "required"
+    if default is None or default == "":
+        return ""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, tuple)):
+        return "`" + ",".join(str(v) for v in default) + "`"
+    return f"`{default}`"
+
+
+def option_table() -> str:
+    """The README's table of every option (flag, YAML key, default, help), made
+    from the declarations; `tests/test_config_contract.py` checks the README
+    against it. Print it with `python -m pipelines.config`."""
+    rows = ["| flag | YAML key | default | meaning |", "|---|---|---|---|"]
+    rows.append("| `--config FILE.yaml` | | | YAML file of defaults for these options |")
+    for f, info in (*option_fields(JobConfig), *option_fields(LabelingSpec)):
+        name = f.name
+        value = f" {info.metavar}" if info.metavar and not info.switch else ""
+        help_text = info.help.replace("|", "\\|")
+        rows.append(
+            f"| `{flag(name)}{value}` | `{name}` | "
+            f"{_default_text(name, default_of(f))} | {help_text} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -446,3 +489,7 @@ def check_beam_args(args: Sequence[str]) -> None:
             f"unknown option(s) {flags}{hint}: not a label-images option nor a Beam pipeline "
             "option (see label-images --help)"
         )
+
+
+if __name__ == "__main__":
+    print(option_table(), end="")

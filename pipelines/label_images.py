@@ -38,9 +38,7 @@ from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.output import (
     OutputError,
     OutputPlan,
-    SummarizeRecords,
     WriteParts,
-    WriteSummary,
     prepare_output,
     read_summary,
     shard_prefix,
@@ -61,6 +59,7 @@ from pipelines.resume import (
     run_identity,
 )
 from pipelines.runner import in_process, is_local, make_runner
+from pipelines.summary import SummarizeRecords, WriteSummary
 from transforms.allocator import tune_malloc
 from transforms.errors import redact, redact_uri
 from transforms.images.sources import InputError, InputPlan, ReadImageRows, count_rows, plan_input

@@ -27,6 +27,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipelines.output import REPORT_FILE, SUMMARY_FILE, _fs, _join, read_summary, write_atomic
+from pipelines.summary import TOP_LABELS
 from transforms.errors import redact_uri
 from transforms.images.fetch import FetchOptions
 from transforms.rows import RecordFormat
@@ -35,7 +36,6 @@ from transforms.uri import has_scheme
 
 logger = logging.getLogger(__name__)
 
-TOP_LABELS = 20
 GRID_LABELS = 8
 PER_SIDE = 4
 LOW_CONFIDENCE = 12

@@ -282,3 +282,18 @@ def test_gs_input_without_credentials_fails_fast(tmp_path: Path) -> None:
     _assert_one_line(proc.stderr.strip(), "--input gs://bucket/list.txt", "credentials")
     assert elapsed < 30, elapsed
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_option_table_is_generated_from_the_declarations() -> None:
+    """The README's table is `option_table()`: an option added, renamed or given a
+    new default or help text without regenerating it (`python -m pipelines.config`)
+    fails here."""
+    from pipelines.config import option_table
+
+    text = (REPO / "README.md").read_text()
+    assert text.count("<!-- options -->") == 1 and text.count("<!-- /options -->") == 1
+    block = text.split("<!-- options -->\n", 1)[1].split("<!-- /options -->", 1)[0]
+    assert block == option_table()
+    flags = [line.split("`")[1].split()[0] for line in block.splitlines()[3:]]
+    assert flags == [flag(name) for name, _, _ in all_options()]
+    assert len(flags) > 45

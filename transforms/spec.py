@@ -199,7 +199,7 @@ class LabelingSpec:
         False,
         boolean,
         "decode large JPEGs at reduced scale: faster, but labels can differ from "
-        "transformers.pipeline (measured trade in the README)",
+        "transformers.pipeline (measured trade in the README's Performance section)",
         switch=True,
     )
     decode_threads: int = option(2, positive_int, "images decoded at once per worker process", "N")
@@ -217,7 +217,13 @@ class LabelingSpec:
     )
     fetch_concurrency: int = option(64, positive_int, "fetches in flight per worker process", "N")
     fetch_per_host: int = option(32, positive_int, "http(s) fetches in flight per host", "N")
-    fetch_retries: int = option(3, non_negative_int, "retries of a transient fetch failure", "N")
+    fetch_retries: int = option(
+        3,
+        non_negative_int,
+        "retries of a transient failure (HTTP 408/425/429/5xx, timeouts, resets), "
+        "with backoff and Retry-After; other failures are final",
+        "N",
+    )
     block_private_networks: bool = option(
         False,
         boolean,
