@@ -217,7 +217,7 @@ def child_forward(name: str, model_dir: str, manifest: str, impl: str) -> None:
     pre = ImagePreprocessor(ModelSpec(model_dir))
     pre.setup()
     images = [decode_image(Path(p).read_bytes()) for p in _paths(manifest)[:64]]
-    pixels = np.stack(pre(images))
+    pixels = np.stack(pre.pixel_values(images))
     if impl == "native":
         factory, params = native_model(name, model_dir)
         net = factory(**params).eval()
@@ -264,7 +264,9 @@ def child_clip_forward(model_dir: str, manifest: str) -> None:
 
     pre = ImagePreprocessor(ModelSpec(model_dir))
     pre.setup()
-    pixels = np.stack(pre([decode_image(Path(p).read_bytes()) for p in _paths(manifest)[:64]]))
+    pixels = np.stack(
+        pre.pixel_values([decode_image(Path(p).read_bytes()) for p in _paths(manifest)[:64]])
+    )
     net = AutoModel.from_pretrained(model_dir).eval()
     best = (0.0, 0)
     for batch_size in FORWARD_BATCHES:

@@ -204,7 +204,7 @@ def run_forward(
 
     pre = ImagePreprocessor(ModelSpec(model))
     sample = [decode_image(p.read_bytes(), draft_side=pre.draft_side) for p in paths[:96]]
-    pixels = np.stack(pre(sample))
+    pixels = np.stack(pre.pixel_values(sample))
     net = AutoModelForImageClassification.from_pretrained(model).eval()
     if streamlined:
         from transforms.model.image_classification import streamline_classifier

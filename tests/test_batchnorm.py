@@ -168,10 +168,11 @@ def test_the_handler_folds_a_resnet_and_keeps_its_scores(
     assert _norms(loaded.model) == 0
     reference = AutoModelForImageClassification.from_pretrained(tiny_resnet).eval()
     assert _norms(reference) > 0
-    pixel_values = ImagePreprocessor(spec)(photos)
-    ours = ImageClassificationModelHandler.forward(pixel_values, loaded)
+    pre = ImagePreprocessor(spec)
+    ours = ImageClassificationModelHandler.forward(pre(photos), loaded)  # uint8 pixels
     with torch.no_grad():
-        theirs = reference(pixel_values=torch.from_numpy(np.stack(pixel_values))).logits.numpy()
+        pixel_values = torch.from_numpy(np.stack(pre.pixel_values(photos)))
+        theirs = reference(pixel_values=pixel_values).logits.numpy()
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5)
 
 

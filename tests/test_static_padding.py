@@ -155,7 +155,7 @@ def test_the_handler_matches_transformers_pipeline(
     spec = ModelSpec(str(tmp_path))
 
     loaded = classifier_handler(tmp_path).load_model()
-    pixel_values = ImagePreprocessor(spec)(real_thumbnails(96))
+    pixel_values = ImagePreprocessor(spec).pixel_values(real_thumbnails(96))
     assert _pad_calls(
         loaded.model, torch.from_numpy(np.stack(pixel_values[:1])), monkeypatch
     ) == _strided_convs(loaded.model)

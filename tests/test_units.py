@@ -342,6 +342,7 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
     import torch
 
     from transforms.model.device import batch_to_device
+    from transforms.model.pixels import Normalization
 
     calls: list[tuple[str, Any]] = []
 
@@ -359,13 +360,22 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     monkeypatch.setattr(torch.Tensor, "to", to)
     batch = [np.zeros((3, 4, 4), np.float32), np.ones((3, 4, 4), np.float32)]
-    out = batch_to_device(batch, "cuda", torch.float16)
+    out = batch_to_device(batch, "cuda", torch.float16, None)
     assert calls[0] == ("pin_memory", None)
-    assert calls[1] == ("to", (("cuda",), {"dtype": torch.float16, "non_blocking": True}))
+    assert calls[1] == ("to", (("cuda",), {"non_blocking": True}))
     assert tuple(out.shape) == (2, 3, 4, 4) and out.dtype == torch.float16
     calls.clear()
-    out = batch_to_device(batch, "cpu", torch.float32)
+    out = batch_to_device(batch, "cpu", torch.float32, None)
     assert [name for name, _ in calls] == ["to"]  # no pinning on CPU
+    # uint8 pixels cross as uint8 (a quarter of the bytes), then are normalized.
+    calls.clear()
+    pixels = [np.full((3, 4, 4), 255, np.uint8)] * 2
+    normalization = Normalization(255.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = batch_to_device(pixels, "cuda", torch.float16, normalization)
+    assert calls[1] == ("to", (("cuda",), {"non_blocking": True}))
+    assert out.dtype == torch.float16 and bool((out == 1.0).all())
+    with pytest.raises(ValueError, match="no normalization"):
+        batch_to_device(pixels, "cpu", torch.float32, None)
 
 
 # -- local runner -----------------------------------------------------------------

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,13 @@ class FetchDecodePreprocess(beam.DoFn):
             initializer=single_threaded_torch_in_this_thread,
         )
         self._io_pool: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[Future[np.ndarray], WindowedValue]] = []
+        # Rows submitted and not yet emitted; finished ones wait in `_finished`
+        # (their futures' callbacks put them there), so emitting one costs O(1)
+        # instead of a scan of every row in flight.
+        self._in_flight = 0
+        self._finished: queue.SimpleQueue[tuple[Future[np.ndarray], WindowedValue]] = (
+            queue.SimpleQueue()
+        )
 
     def teardown(self) -> None:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
@@ -219,16 +226,12 @@ class FetchDecodePreprocess(beam.DoFn):
         # Counted once, in `_to_record`, where every row's final result arrives.
         return element.with_value((row, failure))
 
-    def _drain(self, max_in_flight: int) -> Iterator[Any]:
-        """Emit every finished row; then wait while more than `max_in_flight` remain."""
-        while True:
-            done = [item for item in self._pending if item[0].done()]
-            for item in done:
-                self._pending.remove(item)
-                yield self._result(*item)
-            if len(self._pending) <= max_in_flight:
-                return
-            wait([future for future, _ in self._pending], return_when=FIRST_COMPLETED)
+    def _emit(self, cap: int) -> Iterator[Any]:
+        """Emit every finished row; then wait while more than `cap` are in flight."""
+        while self._in_flight and (self._in_flight > cap or not self._finished.empty()):
+            future, element = self._finished.get()  # waits only when over the cap
+            self._in_flight -= 1
+            yield self._result(future, element)
 
     def process(
         self,
@@ -237,11 +240,13 @@ class FetchDecodePreprocess(beam.DoFn):
         window: Any = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
         element = WindowedValue(row, timestamp, (window,))
-        self._pending.append((self._submit(row), element))
-        yield from self._drain(self._fetch.concurrency)
+        future = self._submit(row)
+        self._in_flight += 1
+        future.add_done_callback(lambda f: self._finished.put((f, element)))
+        yield from self._emit(self._fetch.concurrency)
 
     def finish_bundle(self) -> Iterator[Any]:
-        yield from self._drain(0)
+        yield from self._emit(0)
 
 
 def _to_record(item: tuple[ImageRow, Prediction | RowError], fmt: RecordFormat) -> dict[str, Any]:

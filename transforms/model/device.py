@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from transforms.model.pixels import Normalization
 from transforms.options import ConfigError
 
 
@@ -58,18 +59,29 @@ def check_device_support(device: str, precision: str, quantize: str) -> None:
         )
 
 
-def batch_to_device(batch: Sequence[np.ndarray], device: str, dtype: Any) -> Any:
-    """Stack a batch into one tensor on `device`.
+def batch_to_device(
+    batch: Sequence[np.ndarray], device: str, dtype: Any, normalization: Normalization | None
+) -> Any:
+    """Stack a batch into one tensor of pixel values on `device`.
 
+    uint8 pixels (`transforms.model.pixels`) are copied as they are, a quarter
+    of the bytes, and rescaled and normalized there, the whole batch at once.
     On CUDA the host tensor is pinned and copied with `non_blocking=True`, so
     the copy overlaps the work already queued on the GPU; on CPU the stacked
     array is used in place (`torch.from_numpy` shares its memory).
+
+    Raises:
+        ValueError: uint8 pixels without a normalization to apply.
     """
     import torch
 
     tensor = torch.from_numpy(np.stack(batch))
     if device.startswith("cuda"):
-        return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    if tensor.dtype == torch.uint8:
+        if normalization is None:
+            raise ValueError("uint8 pixels reached a model that has no normalization for them")
+        tensor = normalization.apply(tensor)
     return tensor.to(dtype=dtype)
 
 

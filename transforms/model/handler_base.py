@@ -28,8 +28,10 @@ from transforms.model.device import (
     torch_dtype,
 )
 from transforms.model.inference import isolate_failures
+from transforms.model.pixels import Normalization, checked_split
 from transforms.model.postprocess import ClassificationFunction, apply_function, top_k_predictions
 from transforms.model.preload import Preload
+from transforms.model.preprocess import load_image_processor
 from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.compiled import CompiledForward
 from transforms.model.speedups.quantize import quantize_int8
@@ -113,6 +115,13 @@ class TorchHandlerBase(
         device = resolve_device(settings.device)
         check_device_support(device, settings.precision, settings.quantize)
         return device, torch_dtype(settings.precision)
+
+    def _normalization(self) -> Normalization | None:
+        """What to apply to the uint8 pixels `ImagePreprocessor` sends for this
+        model (the same check of the same processor, so both sides agree);
+        None when it sends float32 `pixel_values`."""
+        split = checked_split(load_image_processor(self.settings.model))
+        return split.normalization if split is not None else None
 
     def _load(self, weights: Any = None) -> LoadedT:
         """Load (or, given `weights`, prepare) the model on this worker."""

@@ -13,6 +13,7 @@ import numpy as np
 from transforms.model.device import batch_to_device
 from transforms.model.handler_base import TorchHandlerBase
 from transforms.model.loading import load_pretrained, model_facts
+from transforms.model.pixels import Normalization
 from transforms.model.postprocess import resolve_function
 from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.batchnorm import fold_batchnorm
@@ -142,6 +143,8 @@ class LoadedClassifier:
     #: pixel_values -> logits: the model, or its compiled twin once ready.
     logits: CompiledForward
     memory_format: Any = None  # torch.channels_last for convolutional models
+    #: Rescale and normalize of uint8 pixels (`transforms.model.pixels`).
+    normalization: Normalization | None = None
     #: With `--embeddings`: the logits function returns (logits, head inputs).
     embeddings: bool = False
 
@@ -196,6 +199,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         if memory_format is not None:
             model.to(memory_format=memory_format)
         head_name = classifier_head_name(model) if settings.embeddings else ""
+        normalization = self._normalization()
         model = self._optimize(model, device)
         if not settings.embeddings:
             return LoadedClassifier(
@@ -204,6 +208,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
                 dtype=dtype,
                 memory_format=memory_format,
                 logits=self._forward_fn(lambda x: model(pixel_values=x).logits),
+                normalization=normalization,
             )
         # The head is looked up again after `_optimize`, which may swap modules.
         head_inputs = HeadInputs(model, head_name)
@@ -218,6 +223,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
             memory_format=memory_format,
             logits=self._forward_fn(logits_and_features),
             embeddings=True,
+            normalization=normalization,
         )
 
     @staticmethod
@@ -229,7 +235,7 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         import torch
 
         with torch.inference_mode():
-            pixel_values = batch_to_device(batch, model.device, model.dtype)
+            pixel_values = batch_to_device(batch, model.device, model.dtype, model.normalization)
             if model.memory_format is not None:
                 pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
             output = model.logits(pixel_values)

@@ -1,7 +1,9 @@
 """The model's own image preprocessing, run on the fetch/decode workers.
 
-RunInference then receives fixed-shape float32 arrays and the hot path does
-nothing but stack them and run the forward pass.
+RunInference then receives fixed-shape arrays and the hot path does nothing but
+stack them and run the forward pass: the resized and cropped uint8 pixels when
+the processor splits (`transforms.model.pixels`, the handler rescales and
+normalizes them), its float32 `pixel_values` otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transforms.model.loading import (
     from_pretrained_kwargs,
     resolve_model,
 )
+from transforms.model.pixels import Normalization, PixelSplit, checked_split, full_output
 from transforms.model.preload import Preload
 
 logger = logging.getLogger(__name__)
@@ -69,12 +72,14 @@ class ImagePreprocessor:
     Example::
 
         pre = ImagePreprocessor(ModelSpec("path/to/model"))
-        pixel_values = pre([Image.open("cat.jpg").convert("RGB")])  # list of CHW arrays
+        pixels = pre([Image.open("cat.jpg").convert("RGB")])  # list of CHW arrays
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, *, uint8: bool = True) -> None:
         self._spec = spec
+        self._uint8 = uint8
         self._processor: Any = None
+        self._split: PixelSplit | None = None
         self._preloaded: Preload[Any] = Preload()
 
     def preload(self) -> None:
@@ -91,6 +96,14 @@ class ImagePreprocessor:
             self._processor = (
                 preloaded if preloaded is not None else load_image_processor(self._spec)
             )
+            self._split = checked_split(self._processor) if self._uint8 else None
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """What the handler must apply to this preprocessor's output: None when
+        it is already the processor's float32 `pixel_values`."""
+        self.setup()
+        return self._split.normalization if self._split is not None else None
 
     @property
     def draft_side(self) -> int:
@@ -106,8 +119,14 @@ class ImagePreprocessor:
         return (3 * input_side(self._processor) + 1) // 2
 
     def __call__(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """What the decode workers send: uint8 CHW pixels when the processor
+        splits, else its float32 `pixel_values`."""
         self.setup()
-        out = self._processor(images=list(images), return_tensors="pt")
-        pixel_values = out["pixel_values"]
-        array = np.ascontiguousarray(pixel_values.float().numpy())
-        return list(array)
+        if self._split is not None:
+            return self._split.resize_crop(images)
+        return full_output(self._processor, images)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """The processor's own float32 `pixel_values`, one CHW array per image."""
+        self.setup()
+        return full_output(self._processor, images)

@@ -32,6 +32,7 @@ from transforms.model.loading import (
     model_facts,
     resolve_model,
 )
+from transforms.model.pixels import Normalization
 from transforms.model.postprocess import ClassificationFunction
 from transforms.model.settings import HandlerSettings
 from transforms.model.speedups.compiled import CompiledForward
@@ -68,6 +69,8 @@ class LoadedZeroShot:
     image_features: CompiledForward
     #: Also return the normalized image embeddings (`--embeddings`).
     embeddings: bool = False
+    #: Rescale and normalize of uint8 pixels (`transforms.model.pixels`).
+    normalization: Normalization | None = None
 
     def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """A batch's logits over the labels (and embeddings), computed where the model lives."""
@@ -188,6 +191,7 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
                 lambda x: _features(model.get_image_features(pixel_values=x))
             ),
             embeddings=self.settings.embeddings,
+            normalization=self._normalization(),
         )
 
     @staticmethod
@@ -199,7 +203,7 @@ class ZeroShotModelHandler(TorchHandlerBase[LoadedZeroShot]):
         import torch
 
         with torch.inference_mode():
-            pixel_values = batch_to_device(batch, model.device, model.dtype)
+            pixel_values = batch_to_device(batch, model.device, model.dtype, model.normalization)
             embeds = model.image_features(pixel_values).float()
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
             logits = (embeds @ model.text_bank.T) * model.logit_scale + model.logit_bias

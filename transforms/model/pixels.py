@@ -1,0 +1,171 @@
+"""uint8 pixels from the decode workers; rescale and normalize in the handler.
+
+A model's image processor resizes and crops (the costly, per-image part), then
+rescales and normalizes to float32. Done on the decode workers, that sends
+602 KB of float32 per 224-px image to the model, through every queue, stack
+and (with `--model-copies`) process boundary. Split in two, the workers send
+the resized and cropped uint8 pixels (150 KB), and the handler rescales and
+normalizes whole batches at once, on the model's device.
+
+The split is checked on probe images when the processor loads: the two halves
+must give the processor's own output to 1e-6, or the processor's full output
+is used (logged once). Processors it cannot express keep the full output:
+
+- transformers' processors with `do_rescale` and `do_normalize` (ViT, ConvNext,
+  CLIP, SigLIP, MobileNet ...): the first half is the processor itself with
+  both turned off, the second its own (fused) rescale-and-normalize;
+- timm's (`TimmWrapperImageProcessor`, the default model): its transforms up
+  to `ToTensor`, then `ToTensor`'s division and `Normalize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+#: Largest difference from the processor's own output that the split may make.
+TOLERANCE = 1e-6
+
+_told: set[str] = set()  # messages already logged in this process (logged once)
+
+
+def _once(level: int, message: str) -> None:
+    if message not in _told:
+        _told.add(message)
+        logger.log(level, message)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The processor's rescale and normalize, for uint8 pixels (B, C, H, W):
+    ``(x / divide - mean) / std`` per channel in float32 (no division when
+    `divide` is None: transformers fuses the rescale into `mean` and `std`)."""
+
+    divide: float | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def apply(self, pixels: Any) -> Any:
+        """float32 pixel values of a uint8 tensor, on the tensor's device."""
+        import torch
+
+        values = pixels.to(torch.float32)
+        if self.divide is not None:
+            values = values.div(self.divide)
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=values.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=values.device).view(shape)
+        return values.sub_(mean).div_(std)
+
+
+@dataclass(frozen=True)
+class PixelSplit:
+    """A processor in two halves: `resize_crop` (images to uint8 CHW arrays, on
+    the decode workers) and `normalization` (in the handler)."""
+
+    resize_crop: Callable[[Sequence[Image.Image]], list[np.ndarray]]
+    normalization: Normalization
+
+
+def _timm_split(processor: Any) -> PixelSplit | None:
+    import torch
+
+    steps = list(processor.val_transforms.transforms)
+    names = [type(step).__name__ for step in steps]
+    if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor") or names[-1] != "Normalize":
+        return None
+    head, normalize = steps[:-2], steps[-1]
+
+    def resize_crop(images: Sequence[Image.Image]) -> list[np.ndarray]:
+        arrays = []
+        for image in images:
+            for step in head:
+                image = step(image)
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim != 3:
+                raise ValueError(f"timm's transforms gave {array.dtype} {array.shape}")
+            arrays.append(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return arrays
+
+    mean = tuple(float(v) for v in torch.as_tensor(normalize.mean).flatten())
+    std = tuple(float(v) for v in torch.as_tensor(normalize.std).flatten())
+    return PixelSplit(resize_crop, Normalization(255.0, mean, std))
+
+
+def _transformers_split(processor: Any) -> PixelSplit | None:
+    import torch
+
+    if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)):
+        return None
+
+    def resize_crop(images: Sequence[Image.Image]) -> list[np.ndarray]:
+        out = processor(
+            images=list(images), do_rescale=False, do_normalize=False, return_tensors="pt"
+        )["pixel_values"]
+        if out.dtype != torch.uint8:
+            raise ValueError(f"the processor's resize gave {out.dtype}, not uint8")
+        return list(np.ascontiguousarray(out.numpy()))
+
+    # As transformers fuses them: mean and std divided by the rescale factor.
+    scale = float(processor.rescale_factor)
+    mean = torch.tensor(processor.image_mean) * (1.0 / scale)
+    std = torch.tensor(processor.image_std) * (1.0 / scale)
+    return PixelSplit(resize_crop, Normalization(None, tuple(mean.tolist()), tuple(std.tolist())))
+
+
+def probe_images() -> list[Image.Image]:
+    """Two photo-like probes (landscape and portrait, odd sizes), made
+    deterministically: smooth gradients plus noise, so every resize weight
+    and crop offset matters."""
+    rng = np.random.default_rng(0)
+    probes = []
+    for width, height in ((333, 250), (201, 302)):
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+        noisy = base + rng.normal(0, 24, base.shape)
+        probes.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB"))
+    return probes
+
+
+def full_output(processor: Any, images: Sequence[Image.Image]) -> list[np.ndarray]:
+    """The processor's own float32 `pixel_values`, one CHW array per image."""
+    out = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    return list(np.ascontiguousarray(out.float().numpy()))
+
+
+def checked_split(processor: Any) -> PixelSplit | None:
+    """The processor's split, if it has one that gives its own output on the
+    probes (to `TOLERANCE`); None otherwise, logged once per processor."""
+    import torch
+
+    name = type(processor).__name__
+    try:
+        if name == "TimmWrapperImageProcessor":
+            split = _timm_split(processor)
+        else:
+            split = _transformers_split(processor)
+        if split is None:
+            _once(logging.INFO, f"{name}: no uint8 split; the decode workers send float32 pixels")
+            return None
+        probes = probe_images()
+        expected = torch.from_numpy(np.stack(full_output(processor, probes)))
+        got = split.normalization.apply(torch.from_numpy(np.stack(split.resize_crop(probes))))
+        difference = float((got - expected).abs().max())
+    except Exception as e:  # any surprise means the processor's own path
+        _once(logging.INFO, f"{name}: no uint8 split ({type(e).__name__}: {e})")
+        return None
+    if got.shape != expected.shape or difference > TOLERANCE:
+        _once(
+            logging.WARNING,
+            f"{name}: its uint8 split differs from its own output by {difference:.2g}; "
+            "the decode workers send float32 pixels",
+        )
+        return None
+    return split
