@@ -1,7 +1,11 @@
-"""A cached corpus of real photos at mixed sizes, made from photos in scikit-image.
+"""Cached corpora of real photos, made from photos in scikit-image.
 
-Half the images are 500x375, 30% 1024x768 and 20% 3000x2000, JPEG quality
-75-95, each a different crop / flip / resize of one of the source photos, so
+- "mixed": half the images 500x375, 30% 1024x768 and 20% 3000x2000, JPEG
+  quality 75-95; its large images make decoding the cost.
+- "imagenet": ImageNet-like photos, as LAION, CC12M and ImageNet mostly hold:
+  500x375, 375x500 and 500x333 in turn, JPEG quality 85-95.
+
+Each image is a different crop / flip / resize of one of the source photos, so
 decoding costs what it costs on real datasets.
 """
 
@@ -26,7 +30,9 @@ SOURCES = (
     "camera",
 )
 SIZES = ((500, 375, 0.5), (1024, 768, 0.3), (3000, 2000, 0.2))
+IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333))
 VERSION = "1"
+CORPORA = ("mixed", "imagenet")
 
 
 def _source_images() -> list[Image.Image]:
@@ -44,9 +50,14 @@ def _size_for(i: int) -> tuple[int, int]:
     return width, height
 
 
-def build_corpus(n: int, directory: Path | None = None, seed: int = 0) -> list[Path]:
-    """Return paths of `n` corpus JPEGs, creating (and caching) those missing."""
-    directory = directory or cache_root() / f"bench-corpus-v{VERSION}"
+def build_corpus(
+    n: int, directory: Path | None = None, seed: int = 0, kind: str = "mixed"
+) -> list[Path]:
+    """Return paths of `n` JPEGs of corpus `kind`, creating (and caching) those missing."""
+    if kind not in CORPORA:
+        raise ValueError(f"unknown corpus {kind!r}; expected one of {CORPORA}")
+    suffix = "" if kind == "mixed" else f"-{kind}"
+    directory = directory or cache_root() / f"bench-corpus-v{VERSION}{suffix}"
     directory.mkdir(parents=True, exist_ok=True)
     sources: list[Image.Image] | None = None
     paths = []
@@ -59,7 +70,7 @@ def build_corpus(n: int, directory: Path | None = None, seed: int = 0) -> list[P
             sources = _source_images()
         rng = random.Random(hashlib.sha256(f"{seed}:{i}".encode()).digest())
         src = sources[i % len(sources)]
-        width, height = _size_for(i)
+        width, height = _size_for(i) if kind == "mixed" else IMAGENET_SIZES[i % 3]
         # A random crop of 60-100% of the source with the target aspect ratio.
         scale = rng.uniform(0.6, 1.0)
         crop_w = min(src.width, int(src.height * width / height)) * scale
@@ -70,7 +81,7 @@ def build_corpus(n: int, directory: Path | None = None, seed: int = 0) -> list[P
         if rng.random() < 0.5:
             image = ImageOps.mirror(image)
         image = image.resize((width, height), Image.Resampling.BICUBIC)
-        image.save(path, quality=rng.randint(75, 95))
+        image.save(path, quality=rng.randint(75, 95) if kind == "mixed" else rng.randint(85, 95))
     return paths
 
 

@@ -310,12 +310,25 @@ def _env(malloc: bool | None = None) -> dict[str, str]:
 def _child(kind: str, *args: Any, malloc: bool | None = None) -> tuple[float, str, float]:
     """Run a child; (wall seconds, stdout, start time as time.time())."""
     cmd = [sys.executable, "-m", "benchmarks.harness", "--child", kind, *map(str, args)]
+    before = _children_cpu()
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(malloc), cwd=REPO)
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    _LAST_CPU_UTIL[0] = (_children_cpu() - before) / wall / (os.cpu_count() or 1)
     return wall, proc.stdout, started
+
+
+#: CPU time over wall time and cores of the last finished child.
+_LAST_CPU_UTIL = [0.0]
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _value(stdout: str, key: str) -> list[str]:
@@ -328,6 +341,7 @@ def run_ours(model_dir: str, manifest: str, extra: list[str]) -> dict[str, float
     out = Path(tempfile.mkdtemp(prefix="bench-harness-")) / "out"
     cmd = [sys.executable, "-c", _OURS, "--input", manifest, "--output", str(out)]
     cmd += ["--model", model_dir, "--progress", "false", "--report", "false", *extra]
+    before = _children_cpu()
     started = time.time()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
@@ -348,6 +362,7 @@ def run_ours(model_dir: str, manifest: str, extra: list[str]) -> dict[str, float
         "first_row_s": first if first is not None else wall,
         "peak_rss_mb": int(_value(stdout, "BENCH_PEAK_RSS_KB")[0]) / 1024,
         "ok": ok,
+        "cpu_util": (_children_cpu() - before) / wall / (os.cpu_count() or 1),
     }
 
 
@@ -355,7 +370,8 @@ def run_hf(model_dir: str, manifest: str, batch_size: int, images: int) -> dict[
     wall, stdout, started = _child("hf", model_dir, manifest, batch_size)
     ok = int(_value(stdout, "BENCH_OK")[0])
     assert ok == images, (ok, images)
-    return {"rate": ok / wall, "first_row_s": float(_value(stdout, "BENCH_FIRST")[0]) - started}
+    first = float(_value(stdout, "BENCH_FIRST")[0]) - started
+    return {"rate": ok / wall, "first_row_s": first, "cpu_util": _LAST_CPU_UTIL[0]}
 
 
 def run_beam(
@@ -365,7 +381,7 @@ def run_beam(
     wall, _, _ = _child("beam", name, model_dir, manifest, state, output)
     done = len(output.read_text().splitlines())
     assert done == images, (done, images)
-    return {"rate": done / wall}
+    return {"rate": done / wall, "cpu_util": _LAST_CPU_UTIL[0]}
 
 
 def profile_ours(model_dir: str, manifest: str) -> dict[str, float]:
@@ -453,8 +469,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
     from benchmarks.throughput import build_model
 
     model_dir = build_model(name, root / "models")
-    paths = build_corpus(args.images)
-    manifest = str(write_manifest(paths, root / f"harness-{args.images}.txt"))
+    paths = build_corpus(args.images, kind=args.corpus)
+    manifest = str(write_manifest(paths, root / f"harness-{args.corpus}-{args.images}.txt"))
     state = native_state_dict(name, model_dir, root / "models" / f"{name}-native.pth")
     _, probe, _ = _child("hf_probe", model_dir, manifest, min(args.probe_images, args.images))
     probe_rates = {int(k): v for k, v in json.loads(_value(probe, "BENCH_PROBE")[0]).items()}
@@ -477,6 +493,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
             ceilings[f"{impl}{' +malloc' if malloc else ''} (batch {batch})"] = float(rate)
     result: dict[str, Any] = {
         "model": name,
+        "corpus": args.corpus,
         "images": args.images,
         "rounds": args.rounds,
         "hf_batch": hf_batch,
@@ -487,6 +504,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
             k: _median([r["first_row_s"] for r in v]) for k, v in runs.items() if k != "beam"
         },
         "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs["exact"]]),
+        "cpu_util": {k: _median([r["cpu_util"] for r in v]) for k, v in runs.items()},
         "stage": stage,
         "ceilings": ceilings,
         "ceiling": max(ceilings.values()),
@@ -521,7 +539,14 @@ def print_model(result: dict[str, Any]) -> None:
     peer = max(rate["hf"], rate["beam"])
     runs = result["runs"]
     rows = [
-        ("images, rounds", f"{result['images']} real photos (mixed sizes), {result['rounds']}"),
+        (
+            "images, rounds",
+            f"{result['images']} real photos ({result['corpus']}), {result['rounds']}",
+        ),
+        (
+            "CPU utilization (exact, fast, transformers, Beam)",
+            ", ".join(f"{result['cpu_util'][k]:.0%}" for k in ("exact", "fast", "hf", "beam")),
+        ),
         (
             "ours, exact (default)",
             f"{rate['exact']:6.1f}  {[round(r['rate'], 1) for r in runs['exact']]}",
@@ -621,6 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--corpus", default="mixed", choices=("mixed", "imagenet"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--probe-images", type=int, default=96)
     parser.add_argument("--rss", action="store_true", help="also the 400 vs 4,000 RSS goal")

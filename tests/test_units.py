@@ -114,12 +114,16 @@ def test_row_error_status() -> None:
 
 
 def test_batch_settings() -> None:
-    assert batch_settings(batch_size=None, on_gpu=False).max_batch_size == 4
-    assert batch_settings(batch_size=None, on_gpu=True).max_batch_size == 64
-    fixed = batch_settings(batch_size=8, on_gpu=False)
+    assert batch_settings(batch_size=None, device="cpu").max_batch_size == 4
+    assert batch_settings(batch_size=None, device="cuda").max_batch_size == 64
+    # "auto" on remote workers: BatchElements may grow batches to the GPU size.
+    auto = batch_settings(batch_size=None, device="auto")
+    assert auto.as_kwargs() == {"min_batch_size": 4, "max_batch_size": 64}
+    assert batch_settings(batch_size=8, device="auto").max_batch_size == 8
+    fixed = batch_settings(batch_size=8, device="cpu")
     assert fixed.as_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
     flexible = batch_settings(
-        batch_size=8, on_gpu=False, min_batch_size=2, max_batch_duration_secs=5
+        batch_size=8, device="cpu", min_batch_size=2, max_batch_duration_secs=5
     )
     assert flexible.as_kwargs() == {
         "min_batch_size": 2,
@@ -316,7 +320,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
             return np.stack([[0.0, float(x[0])] for x in batch])
 
     handler = Fake(
-        LabelingSpec(model="unused", top_k=1, device="cpu").handler,
+        LabelingSpec(model="unused", top_k=1, device="cpu", batch_size=8).handler,
         id2label={0: "a", 1: "b"},
         function=ClassificationFunction.SOFTMAX,
     )
@@ -325,6 +329,33 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
     assert len(results) == 8 and all(isinstance(r, Prediction) for r in results)
     assert [r.labels[0] for r in results if isinstance(r, Prediction)] == ["a", "b"] * 4
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_auto_device_batches_for_a_gpu_and_runs_cpu_sized_passes_on_a_cpu() -> None:
+    """--device auto on remote workers: BatchElements may send GPU-sized batches
+    (64); a worker whose "auto" is the CPU (this machine) runs them 4 at a time."""
+    from transforms.model.handler_base import TorchHandlerBase
+    from transforms.model.postprocess import ClassificationFunction
+    from transforms.spec import LabelingSpec
+
+    sizes: list[int] = []
+
+    class Fake(TorchHandlerBase[Any]):
+        def _predict(self, batch: Any, model: Any) -> list[Any]:
+            sizes.append(len(batch))
+            return self.postprocess(np.zeros((len(batch), 2), np.float32))
+
+    settings = LabelingSpec(model="unused", top_k=1, device="auto").handler
+    assert settings.batching.as_kwargs() == {"min_batch_size": 4, "max_batch_size": 64}
+    handler = Fake(settings, id2label={0: "a", 1: "b"}, function=ClassificationFunction.SOFTMAX)
+    assert handler.batch_elements_kwargs()["max_batch_size"] == 64
+    assert len(list(handler.run_inference([np.zeros(1)] * 10, object()))) == 10
+    assert sizes == [4, 4, 2]  # torch sees no GPU here
+    sizes.clear()
+    given = LabelingSpec(model="unused", device="auto", batch_size=16).handler
+    handler = Fake(given, id2label={0: "a", 1: "b"}, function=ClassificationFunction.SOFTMAX)
+    list(handler.run_inference([np.zeros(1)] * 16, object()))
+    assert sizes == [16]  # an explicit --batch-size is the forward pass everywhere
 
 
 def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:

@@ -287,7 +287,7 @@ class LabelingSpec:
     def batching(self) -> BatchSettings:
         return batch_settings(
             batch_size=self.batch_size,
-            on_gpu=self.device == "cuda",
+            device=self.device,
             min_batch_size=self.min_batch_size,
             max_batch_duration_secs=self.max_batch_duration_secs,
         )
@@ -309,6 +309,7 @@ class LabelingSpec:
             compile=self.compile,
             torch_threads=self.torch_threads,
             tune_malloc=self.tune_malloc,
+            batch_size=self.batch_size,
             batching=self.batching,
             model_copies=self.model_copies,
             share_model_across_processes=self.share_model_across_processes,
@@ -322,7 +323,12 @@ class LabelingSpec:
             "precision": self.precision,
             "quantize": self.quantize,
             "decode": "fast" if self.fast_decode else "exact",
-            "batch_size": self.batching.max_batch_size,
+            "batch_size": self.batch_size
+            or (
+                self.batching.max_batch_size
+                if self.device != "auto"
+                else "auto (4 per forward pass on cpu, 64 on cuda, by the worker's device)"
+            ),
             "threshold": self.threshold,
             "embeddings": self.embeddings,
         }

@@ -53,10 +53,18 @@ class BatchSettings:
         return kwargs
 
 
+def forward_batch_size(batch_size: int | None, device: str) -> int:
+    """Images per forward pass on a resolved device: `batch_size`, else the
+    device's default."""
+    if batch_size:
+        return batch_size
+    return DEFAULT_GPU_BATCH_SIZE if device.startswith("cuda") else DEFAULT_CPU_BATCH_SIZE
+
+
 def batch_settings(
     *,
     batch_size: int | None,
-    on_gpu: bool,
+    device: str,
     min_batch_size: int | None = None,
     max_batch_duration_secs: float | None = None,
 ) -> BatchSettings:
@@ -64,12 +72,21 @@ def batch_settings(
 
     Args:
         batch_size: images per forward pass; a device default when None.
-        on_gpu: whether inference runs on a GPU (bigger default batches).
+        device: "cpu" or "cuda", or "auto" when the device is only known on the
+            workers (a remote run): batches then grow up to the GPU default,
+            and a worker that resolves "auto" to the CPU runs them in forward
+            passes of the CPU default (`forward_batch_size`).
         min_batch_size: lets BatchElements emit smaller batches; defaults to
             `batch_size`, i.e. fixed-size batches.
         max_batch_duration_secs: see `BatchSettings`.
     """
-    size = batch_size or (DEFAULT_GPU_BATCH_SIZE if on_gpu else DEFAULT_CPU_BATCH_SIZE)
+    if device == "auto" and not batch_size:
+        return BatchSettings(
+            min_batch_size=min_batch_size or DEFAULT_CPU_BATCH_SIZE,
+            max_batch_size=DEFAULT_GPU_BATCH_SIZE,
+            max_batch_duration_secs=max_batch_duration_secs,
+        )
+    size = forward_batch_size(batch_size, device)
     return BatchSettings(
         min_batch_size=min_batch_size or size,
         max_batch_size=size,

@@ -20,6 +20,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from transforms.allocator import tune_malloc
 from transforms.errors import RowError
 from transforms.metrics import METRICS_NAMESPACE
+from transforms.model.batching import forward_batch_size
 from transforms.model.device import (
     check_device_support,
     is_out_of_memory,
@@ -75,6 +76,7 @@ class TorchHandlerBase(
         self._id2label = id2label
         self._function = function
         self._preloaded: Preload[LoadedT] = Preload()
+        self._chunk: int | None = None  # see _forward_batch_size
 
     # -- loading -------------------------------------------------------------
 
@@ -142,12 +144,21 @@ class TorchHandlerBase(
         blocking = os.environ.get("IMAGE_LABELER_COMPILE_BLOCKING") == "1"
         return CompiledForward(
             fn,
-            batch_size=self.settings.batching.max_batch_size,
+            batch_size=self._forward_batch_size(),
             enabled=self.settings.compile,
             background=not blocking,
         )
 
     # -- inference -----------------------------------------------------------
+
+    def _forward_batch_size(self) -> int:
+        """Images per forward pass on the device this process resolves to: with
+        "auto" on remote workers, BatchElements' batches are sized for a GPU and
+        a CPU worker runs them in CPU-sized passes."""
+        if self._chunk is None:
+            device = resolve_device(self.settings.device)
+            self._chunk = forward_batch_size(self.settings.batch_size, device)
+        return self._chunk
 
     def run_inference(
         self,
@@ -155,7 +166,14 @@ class TorchHandlerBase(
         model: LoadedT,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[Prediction | RowError]:
-        return isolate_failures(batch, lambda examples: self._predict_fitting(examples, model))
+        size = self._forward_batch_size()
+        results: list[Prediction | RowError] = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start : start + size]
+            results += isolate_failures(
+                chunk, lambda examples: self._predict_fitting(examples, model)
+            )
+        return results
 
     def _predict_fitting(self, batch: Sequence[np.ndarray], model: Any) -> list[Prediction]:
         """`_predict`, halving the batch on out-of-memory until it fits.

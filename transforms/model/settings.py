@@ -24,6 +24,8 @@ class HandlerSettings:
         top_k, threshold, embeddings: postprocessing and outputs.
         device, precision, quantize, compile, torch_threads, tune_malloc: how
             the model runs; a device of "auto" is resolved when it loads.
+        batch_size: `--batch-size` (None: the default of the device the
+            model runs on, `forward_batch_size`).
         batching: BatchElements settings.
         model_copies, share_model_across_processes: RunInference model sharing.
     """
@@ -40,6 +42,7 @@ class HandlerSettings:
     compile: bool = False
     torch_threads: int | None = None
     tune_malloc: bool = True
+    batch_size: int | None
     batching: BatchSettings
     model_copies: int | None = None
     share_model_across_processes: bool = False
