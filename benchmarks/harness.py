@@ -124,6 +124,7 @@ def native_state_dict(name: str, model_dir: str, target: Path) -> Path:
     (throughput does not depend on the weights)."""
     if target.exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     if name == "default":
