@@ -258,19 +258,17 @@ def classify(images: Any, **options: Any) -> Any:
                 raise ValueError(str(e)) from e
     finally:
         fetcher.close()
-    batch_size = resolved.batching.max_batch_size
     results: list[Any] = []
-    for start in range(0, len(pixel_values), batch_size):
-        batch = pixel_values[start : start + batch_size]
-        for result in loaded.handler.run_inference(batch, loaded.model):
-            if isinstance(result, RowError):
-                raise ValueError(str(result))
-            labels = [
-                {"label": label, "score": score}
-                for label, score in zip(result.labels, result.scores, strict=True)
-            ]
-            if resolved.embeddings:
-                results.append({"labels": labels, "embedding": result.embedding})
-            else:
-                results.append(labels)
+    # The handler runs the images in forward passes of the batch size.
+    for result in loaded.handler.run_inference(pixel_values, loaded.model):
+        if isinstance(result, RowError):
+            raise ValueError(str(result))
+        labels = [
+            {"label": label, "score": score}
+            for label, score in zip(result.labels, result.scores, strict=True)
+        ]
+        if resolved.embeddings:
+            results.append({"labels": labels, "embedding": result.embedding})
+        else:
+            results.append(labels)
     return results[0] if single else results
