@@ -45,32 +45,6 @@ DAFT_PER_L4 = 380.0
 L4_WORKER_VCPUS = 4
 
 
-def near_free_model(root: Path) -> str:
-    """A one-layer ViT on 7x7 patches of 32 px behind ConvNext's 224-px processor."""
-    target = root / "near-free-vit"
-    if (target / "config.json").exists():
-        return str(target)
-    import torch
-    from transformers import ConvNextImageProcessor, ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    labels = {i: f"class_{i}" for i in range(10)}
-    config = ViTConfig(  # type: ignore[call-arg]
-        image_size=224,
-        patch_size=32,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        intermediate_size=8,
-        num_labels=10,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    ViTForImageClassification(config).eval().save_pretrained(target)
-    ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=224 / 256).save_pretrained(target)
-    return str(target)
-
-
 def _env() -> dict[str, str]:
     return {
         **os.environ,
@@ -213,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
 
     root = cache_root() / "bench"
     root.mkdir(parents=True, exist_ok=True)
-    model = near_free_model(root)
+    from benchmarks.throughput import build_model
+
+    model = build_model("near_free_vit", root / "models")
     print(f"Machine: {describe_machine()}")
     results: dict[str, Any] = {"machine": describe_machine(), "corpora": []}
     for kind in args.corpora.split(","):

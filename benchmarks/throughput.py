@@ -75,8 +75,26 @@ def build_model(name: str, directory: Path) -> str:
     labels = {i: f"class_{i}" for i in range(1000)}
     model: Any
     processor: Any
-    if name == "mobilenet_v2":
-        config: Any = MobileNetV2Config(num_labels=1000, id2label=labels)  # type: ignore[call-arg]
+    if name == "near_free_vit":
+        # benchmarks/cpu_side.py: a one-layer ViT on 7x7 patches of 32 px (~0.4 ms
+        # of CPU per image) behind a real 224-px ConvNext processor.
+        from transformers import ConvNextImageProcessor
+
+        labels = {i: f"class_{i}" for i in range(10)}
+        config: Any = ViTConfig(  # type: ignore[call-arg]
+            image_size=224,
+            patch_size=32,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=8,
+            num_labels=10,
+            id2label=labels,
+        )
+        model = ViTForImageClassification(config)
+        processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=224 / 256)
+    elif name == "mobilenet_v2":
+        config = MobileNetV2Config(num_labels=1000, id2label=labels)  # type: ignore[call-arg]
         model = MobileNetV2ForImageClassification(config)
         processor = MobileNetV2ImageProcessor()
     elif name == "vit_b16":
