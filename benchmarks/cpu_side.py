@@ -86,7 +86,7 @@ _LIMIT = """
 import os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from transforms.images.decode import decode_image
-from transforms.label import single_threaded_torch_in_this_thread
+from transforms.fetch_decode import single_threaded_torch_in_this_thread
 from transforms.model.loading import ModelSpec
 from transforms.model.preprocess import ImagePreprocessor
 model, manifest, mode = sys.argv[1:4]

@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import describe_machine, table  # noqa: E402
 from benchmarks.corpus import build_corpus  # noqa: E402
 from tests.http_server import serve_in_subprocess  # noqa: E402
+from transforms.fetch_decode import FetchDecodePreprocess  # noqa: E402
 from transforms.images.decode import decode_image  # noqa: E402
 from transforms.images.fetch import FetchOptions  # noqa: E402
-from transforms.label import FetchDecodePreprocess  # noqa: E402
 from transforms.model.loading import ModelSpec  # noqa: E402
 from transforms.model.preprocess import ImagePreprocessor  # noqa: E402
 from transforms.rows import ImageRow  # noqa: E402

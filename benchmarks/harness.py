@@ -165,8 +165,9 @@ def child_stage(model_dir: str, manifest: str, fast: bool) -> None:
     """Decode + preprocess on every core, pipelined with our forward pass; no Beam."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from transforms.fetch_decode import single_threaded_torch_in_this_thread
     from transforms.images.decode import decode_image
-    from transforms.label import make_handler, single_threaded_torch_in_this_thread
+    from transforms.label import make_handler
     from transforms.model.preprocess import ImagePreprocessor
     from transforms.resolve import resolve
     from transforms.spec import LabelingSpec

@@ -28,7 +28,15 @@ import yaml
 from transforms import __version__
 from transforms.errors import redact
 from transforms.images.sources import FORMATS
+from transforms.models import (
+    MODELS_OPTION,
+    NamedSpec,
+    named_specs,
+    shared_values,
+    spec_values,
+)
 from transforms.options import (
+    OPTION,
     ConfigError,
     OptionInfo,
     boolean,
@@ -198,12 +206,23 @@ class JobConfig:
         "write __label_images__/report.html (charts, thumbnails, failures) into --output",
         "BOOL",
     )
+    models: tuple[dict[str, Any], ...] = field(default=(), metadata={OPTION: MODELS_OPTION})
     labeling: LabelingSpec = field(default_factory=LabelingSpec)
+    #: The models of the pass (`named_specs`): one unnamed spec, `labeling`,
+    #: without `models`; derived from `models` when not given.
+    model_specs: tuple[NamedSpec, ...] = ()
     config: str | None = None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         parse_fields(self)
+        if not self.model_specs:
+            specs = (
+                named_specs(spec_values(self.labeling), self.models)
+                if self.models
+                else (NamedSpec(None, self.labeling),)
+            )
+            object.__setattr__(self, "model_specs", specs)
         for required in ("input", "output"):
             if not getattr(self, required):
                 raise ConfigError(f"--{required} is required (as a flag or in --config)")
@@ -223,12 +242,25 @@ class JobConfig:
         data.update(
             {f.name: getattr(self.labeling, f.name) for f, _ in option_fields(LabelingSpec)}
         )
-        for key, value in data.items():
-            if isinstance(value, tuple):
-                data[key] = list(value)
+        # Each model's options as they run (its defaults and its entry).
+        shared = shared_values(data)
+        data["models"] = [
+            {"name": m.name, **{k: v for k, v in spec_values(m.spec).items() if k not in shared}}
+            for m in self.model_specs
+            if m.name is not None
+        ]
+        data = {k: _json_ready(v) for k, v in data.items()}
         data["config"] = self.config
         data["pipeline_options"] = dict(self.pipeline_options)
         return _redacted(data)
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
 
 
 def _redacted(value: Any) -> Any:
@@ -283,7 +315,7 @@ exit codes: 0 ran (some rows may have failed), 1 the job failed while running,
 def _default_text(name: str, default: Any) -> str:
     if name in ("input", "output"):
         return "required"
-    if default is None or default == "":
+    if default is None or default == "" or default == ():
         return ""
     if isinstance(default, bool):
         return "on" if default else "off"
@@ -385,6 +417,8 @@ def _yaml_values(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], di
                         value = _relative_to(value, base)
                 pipeline_options[str(name)] = value
             continue
+        if key == "models" and isinstance(raw_value, list):
+            raw_value = [_entry_paths(entry, infos, base) for entry in raw_value]
         info = infos.get(key)
         if info is None:
             renamed = f" ({key} is now {RENAMED[key]})" if key in RENAMED else ""
@@ -396,6 +430,20 @@ def _yaml_values(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], di
             raw_value = _relative_to(raw_value, base, must_exist=key == "model")
         values[key] = raw_value
     return values, pipeline_options
+
+
+def _entry_paths(entry: Any, infos: Mapping[str, OptionInfo], base: str) -> Any:
+    """A YAML `models:` entry with its relative paths resolved against `base`."""
+    if not isinstance(entry, Mapping):
+        return entry  # `model_entries` refuses it, naming the entry
+    resolved = {}
+    for raw_key, value in entry.items():
+        key = str(raw_key).replace("-", "_")
+        info = infos.get(key)
+        if info is not None and info.path:
+            value = _relative_to(value, base, must_exist=key == "model")
+        resolved[raw_key] = value
+    return resolved
 
 
 def merge_config(
@@ -411,6 +459,17 @@ def merge_config(
     parsed = {key: parse_value(key, infos[key][0], value) for key, value in values.items()}
     labeling = {k: v for k, v in parsed.items() if infos[k][1] is LabelingSpec and v is not None}
     job = {k: v for k, v in parsed.items() if infos[k][1] is JobConfig and v is not None}
+    if job.get("models"):
+        # The labeling options outside `models` are every entry's defaults;
+        # the job's own spec keeps only the options of the whole pass.
+        specs = named_specs(labeling, job["models"])
+        return JobConfig(
+            **job,
+            labeling=LabelingSpec(**shared_values(labeling)),
+            model_specs=specs,
+            config=yaml_path,
+            pipeline_options=dict(pipeline_options or {}),
+        )
     return JobConfig(
         **job,
         labeling=LabelingSpec(**labeling),

@@ -1,5 +1,8 @@
 """`label-images export label-studio OUTPUT_DIR --to DIR`: review the labels in Label Studio.
 
+An output of several models (`models:`) is exported one model at a time
+(`--model NAME`): that model's labels and the rows it labeled.
+
 Writes two files:
 
 - `DIR/tasks.json`: Label Studio's JSON import, one task per `ok` row, with the
@@ -36,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipelines.output import LABELS_FILE, _join, read_summary
 from transforms.errors import Status
+from transforms.resolve import model_key
 from transforms.rows import RecordFormat
 from transforms.uri import is_remote, strip_file_scheme
 
@@ -64,9 +68,10 @@ class _Output:
     model_version: str
     multi_label: bool
     labels: list[str]
+    model: str | None = None  # the model of a several-model output whose labels go
 
 
-def _describe(directory: str) -> _Output:
+def _describe(directory: str, model: str | None = None) -> _Output:
     try:
         summary = read_summary(directory)
     except FileNotFoundError:
@@ -79,25 +84,34 @@ def _describe(directory: str) -> _Output:
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     image_column = meta.get("image_labeler.image_column") or ""
     path_column = f"{image_column}_path" if image_column else None
+    fmt = RecordFormat.of_schema(schema)
+    names = [m.name for m in fmt.models]
+    if names and model is None:
+        raise ExportError(f"{directory} holds several models {names}; pass --model NAME")
+    if model is not None and model not in names:
+        held = f"the models {names}" if names else "one unnamed model"
+        raise ExportError(f"--model {model}: {directory} holds {held}")
     try:
         with fsspec.open(_join(directory, LABELS_FILE), "r") as f:
-            labels = list(json.load(f)["labels"])
+            saved = json.load(f)
     except FileNotFoundError:
         raise ExportError(
             f"{directory} has no {LABELS_FILE} (written by label-images 0.2 and later); "
             "label it again to export it"
         ) from None
-    model = meta.get("image_labeler.model", "")
-    revision = meta.get("image_labeler.revision", "")
+    labels = list(saved["models"][model] if model is not None else saved["labels"])
+    name = meta.get(model_key("image_labeler.model", model), "")
+    revision = meta.get(model_key("image_labeler.revision", model), "")
     return _Output(
         directory=directory,
         files=files,
-        fmt=RecordFormat.of_schema(schema),
+        fmt=fmt,
         uri_column=meta.get("image_labeler.uri_column") or None,
         image_path_column=path_column if path_column in schema.names else None,
-        model_version=f"{model}@{revision}" if revision else model,
-        multi_label="image_labeler.threshold" in meta,
+        model_version=f"{name}@{revision}" if revision else name,
+        multi_label=model_key("image_labeler.threshold", model) in meta,
         labels=labels,
+        model=model,
     )
 
 
@@ -147,9 +161,9 @@ def _image_uri(row: dict[str, Any], output: _Output) -> str | None:
 
 def tasks(output: _Output, document_root: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
     """One Label Studio task per ok row; rows left out are counted in `skipped`."""
-    fmt = output.fmt
-    columns = {fmt.name(c) for c in ("label", "score", "labels", "status", "source_file")}
-    columns |= {fmt.name("source_row")}
+    fmt, model = output.fmt, output.model
+    columns = {fmt.name(c, model) for c in ("label", "score", "labels", "status")}
+    columns |= {fmt.name("source_file"), fmt.name("source_row")}
     columns |= {c for c in (output.uri_column, output.image_path_column) if c}
     columns |= set(FALLBACK_IMAGE_COLUMNS)
     for path in output.files:
@@ -158,7 +172,7 @@ def tasks(output: _Output, document_root: str, skipped: Counter[str]) -> Iterato
             present = [c for c in parquet.schema_arrow.names if c in columns]
             for batch in parquet.iter_batches(batch_size=4096, columns=present):
                 for row in batch.to_pylist():
-                    if row.get(fmt.name("status")) != Status.OK.value:
+                    if row.get(fmt.name("status", model)) != Status.OK.value:
                         skipped["not ok"] += 1
                         continue
                     uri = _image_uri(row, output)
@@ -170,9 +184,9 @@ def tasks(output: _Output, document_root: str, skipped: Counter[str]) -> Iterato
                         "source_row": row.get(fmt.name("source_row")),
                     }
                     choices = (
-                        list(row.get(fmt.name("labels")) or [])
+                        list(row.get(fmt.name("labels", model)) or [])
                         if output.multi_label
-                        else [row[fmt.name("label")]]
+                        else [row[fmt.name("label", model)]]
                     )
                     yield {
                         "data": {IMAGE_KEY: image_reference(uri, document_root), **source},
@@ -180,7 +194,7 @@ def tasks(output: _Output, document_root: str, skipped: Counter[str]) -> Iterato
                         "predictions": [
                             {
                                 "model_version": output.model_version,
-                                "score": row.get(fmt.name("score")),
+                                "score": row.get(fmt.name("score", model)),
                                 "result": [
                                     {
                                         "from_name": FROM_NAME,
@@ -194,14 +208,19 @@ def tasks(output: _Output, document_root: str, skipped: Counter[str]) -> Iterato
                     }
 
 
-def export_label_studio(directory: str, to: str, document_root: str = "/") -> dict[str, Any]:
+def export_label_studio(
+    directory: str, to: str, document_root: str = "/", model: str | None = None
+) -> dict[str, Any]:
     """Write `tasks.json` and `config.xml` for Label Studio into `to`; returns counts.
+
+    `model`: which model's labels, for an output of several (`models:`); rows
+    that model labeled are exported, whatever the others gave.
 
     Raises:
         ExportError: the output cannot be exported (no finished run, a local
             image outside `document_root`).
     """
-    output = _describe(directory)
+    output = _describe(directory, model)
     skipped: Counter[str] = Counter()
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,9 +256,14 @@ def main(argv: Sequence[str]) -> int:
         help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: local images are referenced "
         "relative to it (default: /)",
     )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="for an output of several models (models:), the one whose labels to review",
+    )
     args = parser.parse_args(list(argv))
     try:
-        counts = export_label_studio(args.output, args.to, args.document_root)
+        counts = export_label_studio(args.output, args.to, args.document_root, args.model)
     except ExportError as e:
         print(f"label-images: error: {e}", file=sys.stderr)
         return 2

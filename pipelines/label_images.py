@@ -66,9 +66,9 @@ from transforms.images.sources import InputError, InputPlan, ReadImageRows, coun
 from transforms.label import LabelImageRows
 from transforms.model.label_set import LabelSetError
 from transforms.model.loading import ModelLoadError
-from transforms.resolve import metadata as labeling_metadata
-from transforms.resolve import model_labels, resolve_loaded
-from transforms.rows import RecordFormat
+from transforms.models import NamedSpec
+from transforms.resolve import model_labels, models_metadata, resolve_models
+from transforms.rows import ModelColumns, RecordFormat
 from transforms.spec import LabelingSpec
 
 logs.release()
@@ -89,23 +89,47 @@ class JobPlan:
     Attributes:
         config: the parsed config.
         input: which files, which format, which columns.
-        labeling: the resolved spec (task, labels inline, device where known).
+        models: the resolved models (task, labels inline, device where
+            known): one unnamed, or several named (`models:`).
         record_format: the output columns (prefix, status names, embeddings).
         metadata: the Parquet key-value metadata that describes the run.
         schema: the output schema, `metadata` included.
         skip_existing: the previous output whose ok rows are skipped.
-        weights: the model loaded to check it, kept for an in-process run's
-            handler so it is read once (None otherwise).
+        weights: the models loaded to check them (one per model), kept for an
+            in-process run's handlers so each is read once (None otherwise).
     """
 
     config: JobConfig
     input: InputPlan
-    labeling: LabelingSpec
+    models: tuple[NamedSpec, ...]
     record_format: RecordFormat
     metadata: dict[str, str]
     schema: pa.Schema
     skip_existing: PreviousOutput | None = None
-    weights: Any = dataclasses.field(default=None, repr=False, compare=False)
+    weights: list[Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def labeling(self) -> LabelingSpec:
+        """The first model's resolved spec; its options of the whole pass
+        (fetch, decode, device) are every model's."""
+        return self.models[0].spec
+
+    @property
+    def several(self) -> bool:
+        """Several named models (`models:`) rather than one."""
+        return self.models[0].name is not None
+
+    def effective(self) -> dict[str, Any]:
+        """The settings that run, for summary.json: per model for several."""
+        if not self.several:
+            return self.labeling.effective()
+        return {"models": {m.name: m.spec.effective() for m in self.models}}
+
+    def labels(self) -> list[str] | dict[str, list[str]]:
+        """Every label each model can give (`model_labels`)."""
+        if not self.several:
+            return model_labels(self.labeling)
+        return {str(m.name): model_labels(m.spec) for m in self.models}
 
 
 def plan_job(config: JobConfig, *, local: bool = True, keep_weights: bool = False) -> JobPlan:
@@ -130,12 +154,16 @@ def plan_job(config: JobConfig, *, local: bool = True, keep_weights: bool = Fals
         max_member_bytes=config.labeling.max_image_bytes,
     )
     check_output_overlap(config, inputs.files)
-    resolved = resolve_loaded(config.labeling, local=local)
+    resolved = resolve_models(config.model_specs, local=local)
+    models = tuple(model for model, _ in resolved)
     fmt = RecordFormat.for_input(
-        inputs.passthrough_schema, prefix=config.output_prefix, embeddings=resolved.spec.embeddings
+        inputs.passthrough_schema,
+        prefix=config.output_prefix,
+        embeddings=models[0].spec.embeddings and models[0].name is None,
+        models=[ModelColumns(m.name, m.spec.embeddings) for m in models if m.name is not None],
     )
     described = {
-        **labeling_metadata(resolved.spec),
+        **models_metadata(models),
         **fmt.metadata,
         # Where the images came from, for the report's thumbnails.
         "image_labeler.uri_column": inputs.uri_column or "",
@@ -145,12 +173,12 @@ def plan_job(config: JobConfig, *, local: bool = True, keep_weights: bool = Fals
     return JobPlan(
         config=config,
         input=inputs,
-        labeling=resolved.spec,
+        models=models,
         record_format=fmt,
         metadata=described,
         schema=fmt.schema(inputs.passthrough_schema, described),
         skip_existing=skip,
-        weights=resolved.weights if keep_weights else None,
+        weights=[weights for _, weights in resolved] if keep_weights else None,
     )
 
 
@@ -248,9 +276,9 @@ def build(
     """
     fmt = plan.record_format
     read = _read(pipeline, plan, output)
-    label = LabelImageRows.of(plan.labeling, fmt)
+    label = LabelImageRows.of_models(plan.models, fmt)
     if preload:
-        label.preload(plan.weights)
+        label.preload(plan.weights if plan.several else (plan.weights or [None])[0])
     records = read.rows | "LabelImages" >> label
     written = _write(plan, records, output)
     skipped = (
@@ -276,9 +304,9 @@ def build(
             WriteSummary(
                 output,
                 started_at,
-                {**plan.config.to_dict(), "effective": plan.labeling.effective()},
+                {**plan.config.to_dict(), "effective": plan.effective()},
                 steady_from=time.time(),
-                labels=model_labels(plan.labeling),
+                labels=plan.labels(),
             ),
             **side_inputs,
         )
@@ -327,6 +355,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["top_labels"]:
         top = ", ".join(f"{t['label']} ({t['count']})" for t in summary["top_labels"][:5])
         print(f"Top labels: {top}", file=sys.stderr)
+    for name, section in summary.get("models", {}).items():
+        ok = section["images_by_status"].get("ok", 0)
+        top = ", ".join(f"{t['label']} ({t['count']})" for t in section["top_labels"][:5])
+        print(f"  {name}: {ok} ok; top labels: {top or 'none'}", file=sys.stderr)
     if summary["errors_by_code"]:
         errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_code"].items())
         print(f"Errors: {errors}", file=sys.stderr)
@@ -432,7 +464,9 @@ def run(
         preflight(config, options)
         runs_here = is_local(options)
         local = runs_here and test_pipeline is None
-        shared = config.labeling.share_model_across_processes or config.labeling.model_copies
+        shared = any(
+            m.spec.share_model_across_processes or m.spec.model_copies for m in config.model_specs
+        )
         plan = plan_job(
             config, local=runs_here, keep_weights=local and in_process(options) and not shared
         )

@@ -20,6 +20,7 @@ import io
 import logging
 import posixpath
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,20 +73,29 @@ def _push(heap: list[tuple[float, int, _Row]], key: float, n: int, row: _Row, si
         heapq.heapreplace(heap, (key, n, row))
 
 
-def _scan(directory: str, files: list[str], fmt: RecordFormat, uri_column: str | None) -> _Stats:
-    stats = _Stats()
-    col = {
-        c: fmt.name(c) for c in ("label", "score", "status", "error", "source_file", "source_row")
+def _scan(
+    directory: str, files: list[str], fmt: RecordFormat, uri_column: str | None
+) -> dict[str | None, _Stats]:
+    """Each model's statistics (one unnamed model, or each of several by name)."""
+    stats = {model: _Stats() for model in fmt.model_names}
+    cols = {
+        model: {
+            **{c: fmt.name(c, model) for c in ("label", "score", "status", "error")},
+            **{c: fmt.name(c) for c in ("source_file", "source_row")},
+        }
+        for model in fmt.model_names
     }
     fs, root = _fs(directory)
     for name in files:
         with fs.open(_join(root, name), "rb") as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
-            wanted = [c for c in [*col.values(), uri_column] if c and c in names]
+            columns = {c for col in cols.values() for c in col.values()} | {uri_column}
+            wanted = [c for c in columns if c and c in names]
             for batch in parquet.iter_batches(batch_size=8192, columns=wanted):
                 for record in batch.to_pylist():
-                    _add(stats, record, col, uri_column)
+                    for model, col in cols.items():
+                        _add(stats[model], record, col, uri_column)
     return stats
 
 
@@ -238,16 +248,23 @@ figcaption{font-size:12px;word-break:break-all}.pair{display:flex;gap:24px}
 
 def render(
     summary: dict[str, Any],
-    stats: _Stats,
+    stats: _Stats | Mapping[str | None, _Stats],
     image_column: str | None,
     fetch: FetchOptions | None = None,
 ) -> str:
+    """The report page: the run, then each model's labels, scores, examples
+    and failures (one section per model of a several-model pass)."""
     config = summary.get("config", {})
     fetch = fetch or fetch_options(config)
     effective = config.get("effective", {})
+    per_model = stats if isinstance(stats, Mapping) else {None: stats}
+    several = list(per_model) != [None]
     meta = [
-        ("model", config.get("model")),
-        ("task", effective.get("task")),
+        *(
+            [("model", config.get("model")), ("task", effective.get("task"))]
+            if not several
+            else [("models", ", ".join(str(m) for m in per_model))]
+        ),
         ("input", config.get("input")),
         ("rows in / out", f"{summary.get('rows_in')} / {summary.get('rows_out')}"),
         ("by status", ", ".join(f"{k} {v}" for k, v in summary["rows_by_status"].items() if v)),
@@ -260,7 +277,11 @@ def render(
             f"{summary.get('images_per_s')} images/s ({summary.get('steady_images_per_s')} steady)",
         ),
         ("wall time", f"{summary.get('wall_time_s')} s"),
-        ("settings", ", ".join(f"{k} {v}" for k, v in effective.items())),
+        *(
+            [("settings", ", ".join(f"{k} {v}" for k, v in effective.items()))]
+            if not several
+            else []
+        ),
         ("finished", summary.get("finished_at")),
     ]
     parts = [
@@ -271,24 +292,53 @@ def render(
         '<section id="metadata"><h2>Run</h2><table>',
         *(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta),
         "</table></section>",
-        '<section id="labels"><h2>Label distribution (top-1)</h2>',
+    ]
+    if not several:
+        parts += _model_parts(per_model[None], image_column, fetch, level=2)
+    else:
+        models = {m.get("name"): m for m in config.get("models", [])}
+        settings = effective.get("models", {})
+        for name, model_stats in per_model.items():
+            about = models.get(name, {})
+            setting = ", ".join(f"{k} {v}" for k, v in settings.get(name, {}).items())
+            parts += [
+                f'<section id="model-{html.escape(str(name))}">',
+                f"<h2>Model {html.escape(str(name))}: "
+                f"{html.escape(str(about.get('model', 'default')))}</h2>",
+                f"<p class=muted>{html.escape(setting)}</p>",
+                *_model_parts(model_stats, image_column, fetch, level=3, ids=f"{name}-"),
+                "</section>",
+            ]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _model_parts(
+    stats: _Stats, image_column: str | None, fetch: FetchOptions, *, level: int, ids: str = ""
+) -> list[str]:
+    """One model's label distribution, score histogram, examples, least
+    confident rows and failures, under headings of `level`; section ids
+    start with `ids` (the model's name, for several)."""
+    h, sub = f"h{level}", f"h{level + 1}"
+    parts = [
+        f'<section id="{ids}labels"><{h}>Label distribution (top-1)</{h}>',
         _bar_chart(stats.labels.most_common(TOP_LABELS)),
         "</section>",
-        '<section id="scores"><h2>Top-1 scores</h2>',
+        f'<section id="{ids}scores"><{h}>Top-1 scores</{h}>',
         _histogram(stats.bins),
         "</section>",
-        '<section id="examples"><h2>Frequent labels: highest and lowest scores</h2>',
+        f'<section id="{ids}examples"><{h}>Frequent labels: highest and lowest scores</{h}>',
     ]
     for label, count in stats.labels.most_common(GRID_LABELS):
         best = [r for _, _, r in sorted(stats.best[label], key=lambda t: -t[0])]
         worst = [r for _, _, r in sorted(stats.worst[label], key=lambda t: -t[0])]
-        parts.append(f"<h3>{html.escape(label)} <span class=muted>({count})</span></h3>")
+        parts.append(f"<{sub}>{html.escape(label)} <span class=muted>({count})</span></{sub}>")
         parts.append('<div class="pair"><div><div class=muted>highest</div><div class="grid">')
         parts += [_figure(r, image_column, fetch) for r in best]
         parts.append('</div></div><div><div class=muted>lowest</div><div class="grid">')
         parts += [_figure(r, image_column, fetch) for r in worst]
         parts.append("</div></div></div>")
-    parts.append('</section><section id="low-confidence"><h2>Least confident rows</h2>')
+    parts.append(f'</section><section id="{ids}low-confidence"><{h}>Least confident rows</{h}>')
     low = [r for _, _, r in sorted(stats.low, key=lambda t: -t[0])]
     parts.append('<div class="grid">')
     parts += [
@@ -297,7 +347,7 @@ def render(
         )
         for r in low
     ]
-    parts.append('</div></section><section id="failures"><h2>Failures by error code</h2>')
+    parts.append(f'</div></section><section id="{ids}failures"><{h}>Failures by error code</{h}>')
     if stats.failures:
         parts.append("<table><tr><th>code</th><th>rows</th><th>samples</th></tr>")
         for code, count in stats.failures.most_common():
@@ -306,8 +356,8 @@ def render(
         parts.append("</table>")
     else:
         parts.append("<p class=muted>No failures.</p>")
-    parts.append("</section></body></html>")
-    return "\n".join(parts)
+    parts.append("</section>")
+    return parts
 
 
 def build_report(directory: str) -> str:

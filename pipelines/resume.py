@@ -23,7 +23,8 @@ from pipelines.config import ConfigError, JobConfig
 from pipelines.output import SHARD_PREFIX, SHARD_SUFFIX
 from transforms.errors import Status
 from transforms.images.sources import InputPlan, read_rows_here
-from transforms.rows import PREFIX_KEY, ImageRow, RecordFormat
+from transforms.resolve import MODEL_KEY_PREFIX
+from transforms.rows import MODELS_KEY, PREFIX_KEY, ImageRow, RecordFormat
 from transforms.uri import with_protocol
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,24 @@ IDENTITY_KEYS = (
 )
 
 
+def labeling_identity(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The labeling identity in an output's metadata: each model's model,
+    revision, task and label set (`IDENTITY_KEYS`), and the models' names."""
+    suffixes = {key.split(".", 1)[1] for key in IDENTITY_KEYS}
+    return {
+        k: v
+        for k, v in metadata.items()
+        if k in IDENTITY_KEYS
+        or k == MODELS_KEY
+        or (k.startswith(MODEL_KEY_PREFIX) and k.rsplit(".", 1)[-1] in suffixes)
+    }
+
+
 def run_identity(metadata: Mapping[str, str], input_uri: str) -> dict[str, str]:
     """What a `--resume` must find unchanged: the labeling identity (model,
     revision, task, label set), the output prefix and the (redacted) input."""
-    keys = (*IDENTITY_KEYS, PREFIX_KEY)
-    return {k: v for k, v in metadata.items() if k in keys} | {"input": input_uri}
+    prefix = {PREFIX_KEY: metadata[PREFIX_KEY]} if PREFIX_KEY in metadata else {}
+    return labeling_identity(metadata) | prefix | {"input": input_uri}
 
 
 def previous_shards(directory: str) -> list[str]:
@@ -87,8 +101,12 @@ def check_previous_output(
         raise ConfigError(
             f"--skip-existing {previous} has no {plan.uri_column!r} and {status!r} columns"
         )
-    found = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    different = [key for key in IDENTITY_KEYS if found.get(key, "") != metadata.get(key, "")]
+    found = labeling_identity({k.decode(): v.decode() for k, v in (schema.metadata or {}).items()})
+    wanted = labeling_identity(metadata)
+    # A missing key and an empty one are the same (no revision, no label set).
+    different = sorted(
+        k for k in found.keys() | wanted.keys() if found.get(k, "") != wanted.get(k, "")
+    )
     if different:
         logger.warning(
             "--skip-existing %s was labeled with different %s; no row of it is reused",
@@ -175,16 +193,15 @@ class SkipDone(beam.DoFn):
 class ReadCommitted(beam.PTransform):
     """The label columns of the part files an interrupted run committed.
 
-    Yields one dict per committed row with `source_file`, `source_row`,
-    `status`, `label` and `error` (named by `fmt`, under the run's `--output-prefix`).
+    Yields one dict per committed row with `source_file`, `source_row` and the
+    columns the summary counts (`RecordFormat.tally_names`: the row's `status`
+    and `error`, each model's `label`, `status` and `error`), named by `fmt`.
     """
 
     def __init__(self, directory: str, files: Sequence[str], fmt: RecordFormat) -> None:
         super().__init__()
         self._paths = [directory.rstrip("/") + "/" + name for name in files]
-        self._columns = [
-            fmt.name(c) for c in ("source_file", "source_row", "status", "label", "error")
-        ]
+        self._columns = list(fmt.tally_names)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (

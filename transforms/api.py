@@ -18,12 +18,25 @@ import apache_beam as beam
 from PIL import Image
 
 from transforms.errors import ErrorCode, RowError
+from transforms.fetch_decode import load_image, preprocess
 from transforms.images.fetch import Fetcher
-from transforms.label import LabelImageRows, load_pixel_values, make_handler
+from transforms.label import LabelImageRows, make_handler
+from transforms.model.loading import ModelLoadError
 from transforms.model.preprocess import ImagePreprocessor
+from transforms.models import MODELS_OPTION, NamedSpec, named_specs
+from transforms.options import ConfigError, check_keywords, parse_value
 from transforms.resolve import resolve, resolve_loaded
-from transforms.rows import ImageRow
+from transforms.rows import ImageRow, ModelColumns, RecordFormat
 from transforms.spec import LabelingSpec
+
+
+def _models(where: str, models: Any, options: dict[str, Any]) -> tuple[NamedSpec, ...]:
+    """The models of a `LabelImages` or `classify` call: its options alone, or
+    with `models` (a list of entries, as the job's `models:`) one per entry."""
+    if models is None:
+        return (NamedSpec(None, LabelingSpec.from_options(where, options)),)
+    check_keywords(LabelingSpec, options, where)
+    return named_specs(options, parse_value("models", MODELS_OPTION, models))
 
 
 def _as_mapping(element: Any) -> dict[str, Any] | None:
@@ -132,6 +145,11 @@ class LabelImages(beam.PTransform):
     Args:
         image_field, uri_field: field names for dict/Row elements.
         keep_image_field: keep image bytes in the output dicts.
+        models: several models in one pass, as the job's `models:`: a list of
+            entries, each a `name` and that model's options (the other options
+            are every entry's defaults). Each image is decoded once; the
+            output has each model's columns under its name (`cls_label` ...)
+            and a row `status` that is `ok` when every model labeled it.
         options: any `LabelingSpec` option, named as the CLI flag in underscores:
             `model`, `task`, `candidate_labels`, `hypothesis_template`, `top_k`,
             `function_to_apply`, `revision`, `device`, `precision`, `batch_size`,
@@ -144,14 +162,27 @@ class LabelImages(beam.PTransform):
         image_field: str = "image",
         uri_field: str = "uri",
         keep_image_field: bool = False,
+        models: Any = None,
         **options: Any,
     ) -> None:
         super().__init__()
-        self.spec = resolve(LabelingSpec.from_options("LabelImages", options), local=False)
+        resolved = []
+        for model in _models("LabelImages", models, options):
+            try:
+                resolved.append(NamedSpec(model.name, resolve(model.spec, local=False)))
+            except (ConfigError, ModelLoadError) as e:
+                if model.name is None:
+                    raise
+                raise type(e)(f"model {model.name}: {e}") from None
+        self.models = tuple(resolved)
+        self.spec = self.models[0].spec
         self._image_field = image_field
         self._uri_field = uri_field
         self._keep_image_field = keep_image_field
-        self._rows = LabelImageRows.of(self.spec)
+        fmt = RecordFormat(
+            models=tuple(ModelColumns(str(m.name), m.spec.embeddings) for m in resolved if m.name)
+        )
+        self._rows = LabelImageRows.of_models(self.models, fmt)
 
     def preload(self) -> None:
         """Load the model in the background now, for a run in this process.
@@ -207,12 +238,15 @@ def _loaded(spec: LabelingSpec) -> _Loaded:
         return entry
 
 
-def classify(images: Any, **options: Any) -> Any:
+def classify(images: Any, *, models: Any = None, **options: Any) -> Any:
     """Label images in memory, in the style of `transformers.pipeline`.
 
     Args:
         images: one image or a list: paths, URLs (any allowed scheme), encoded
             bytes or PIL images.
+        models: several models at once, as the job's `models:` (a list of
+            entries, each a `name` and that model's options); each image is
+            decoded once.
         options: any `LabelingSpec` option (`model`, `task`, `candidate_labels`,
             `hypothesis_template`, `top_k`, `function_to_apply`, `device`,
             `batch_size`, ...), as for `LabelImages` and the CLI; an unknown
@@ -222,8 +256,10 @@ def classify(images: Any, **options: Any) -> Any:
         For one image, a list of ``{"label", "score"}`` dicts, best first (with
         `threshold`, those scoring at least it: possibly none); for a list, one
         such list per image. With ``embeddings=True`` each image's result is
-        ``{"labels": [...], "embedding": float32 array}`` instead. The scores are exactly those the
-        pipeline writes (same preprocessing, handler and postprocessing).
+        ``{"labels": [...], "embedding": float32 array}`` instead. With
+        `models`, each image's result is a dict of those results by model
+        name. The scores are exactly those the pipeline writes (same
+        preprocessing, handler and postprocessing).
 
     Raises:
         ValueError: for an image that cannot be fetched, decoded or labeled,
@@ -236,28 +272,40 @@ def classify(images: Any, **options: Any) -> Any:
     """
     single = not isinstance(images, (list, tuple))
     inputs = [images] if single else list(images)
-    loaded = _loaded(LabelingSpec.from_options("classify", options))
-    resolved, preprocessor = loaded.spec, loaded.preprocessor
-    draft_side = preprocessor.draft_side if resolved.fast_decode else None
-    fetcher = Fetcher(resolved.fetch)
+    loaded = [(m.name, _loaded(m.spec)) for m in _models("classify", models, options)]
+    first = loaded[0][1].spec  # the options of the whole pass are every model's
+    draft_side = (
+        max(entry.preprocessor.draft_side for _, entry in loaded) if first.fast_decode else None
+    )
+    fetcher = Fetcher(first.fetch)
     try:
-        pixel_values = []
+        decoded = []
         for item in inputs:
             row = to_image_row(item, image_field="image", uri_field="uri")
             try:
-                pixel_values.append(
-                    load_pixel_values(
-                        row,
-                        fetcher=fetcher,
-                        preprocessor=preprocessor,
-                        decode=resolved.decode,
-                        draft_side=draft_side,
-                    )
+                decoded.append(
+                    load_image(row, fetcher=fetcher, decode=first.decode, draft_side=draft_side)
                 )
             except RowError as e:
                 raise ValueError(str(e)) from e
     finally:
         fetcher.close()
+    by_model = {name: _run(entry, decoded) for name, entry in loaded}
+    if models is None:
+        results = by_model[None]
+    else:
+        results = [{str(name): by_model[name][i] for name, _ in loaded} for i in range(len(inputs))]
+    return results[0] if single else results
+
+
+def _run(loaded: _Loaded, images: list[Image.Image]) -> list[Any]:
+    """One model's results for decoded images, as `classify` returns them."""
+    pixel_values = []
+    for image in images:
+        try:
+            pixel_values.append(preprocess(loaded.preprocessor, image))
+        except RowError as e:
+            raise ValueError(str(e)) from e
     results: list[Any] = []
     # The handler runs the images in forward passes of the batch size.
     for result in loaded.handler.run_inference(pixel_values, loaded.model):
@@ -267,8 +315,8 @@ def classify(images: Any, **options: Any) -> Any:
             {"label": label, "score": score}
             for label, score in zip(result.labels, result.scores, strict=True)
         ]
-        if resolved.embeddings:
+        if loaded.spec.embeddings:
             results.append({"labels": labels, "embedding": result.embedding})
         else:
             results.append(labels)
-    return results[0] if single else results
+    return results

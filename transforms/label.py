@@ -3,250 +3,65 @@
     ImageRow ─► FetchDecodePreprocess ─► RunInference(KeyedModelHandler(PassRowErrors)) ─► record
                   (row, pixels) or (row, RowError): one stream, errors pass the model by
 
+With several models (`ModelStep`s), each image is decoded once and run
+through each distinct preprocessor once; then the models run one after the
+other on the same stream, each its own RunInference with its own batches:
+
+    ImageRow ─► FetchDecodePreprocess ─► [Select ─► RunInference ─► Collect] per model ─► record
+                  (row, pixels per preprocessor)   each model's result joins the row
+
 One stream, no Flatten: Beam's in-process runner (FnApiRunner) runs whatever
 follows a Flatten only once the whole bundle upstream is done, so a Flatten
 here held every record of a local run in memory and delayed the first
 committed row to the end of the run (32 s instead of ~9 s for 1,000 images).
 
 Every input row leaves as exactly one output record (a dict with the passthrough
-columns plus `label`, `score`, `labels`, `scores`, `status` and `error`).
+columns plus `label`, `score`, `labels`, `scores`, `status` and `error`, or
+those of each model under its name).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
-from apache_beam.utils.windowed_value import WindowedValue
-from PIL import Image, ImageOps
 
-from transforms.allocator import tune_malloc
-from transforms.errors import ErrorCode, RowError
-from transforms.images.decode import DecodeOptions, decode_image
-from transforms.images.fetch import Fetcher, FetchOptions
+from transforms.errors import RowError
+from transforms.fetch_decode import (
+    FetchDecodePreprocess,
+    Pixels,
+    load_pixel_values,
+    single_threaded_torch_in_this_thread,
+)
+from transforms.images.decode import DecodeOptions
+from transforms.images.fetch import FetchOptions
 from transforms.metrics import count_error, count_ok
 from transforms.model.image_classification import ImageClassificationModelHandler
 from transforms.model.inference import isolate_failures
 from transforms.model.preprocess import ImagePreprocessor, Preprocessor
 from transforms.model.zero_shot import ZeroShotModelHandler
+from transforms.models import NamedSpec
 from transforms.rows import ImageRow, Prediction, RecordFormat
 from transforms.spec import ZERO_SHOT, LabelingSpec
-from transforms.uri import scheme_of
+
+__all__ = [
+    "FetchDecodePreprocess",
+    "LabelImageRows",
+    "LabelingOptions",
+    "ModelStep",
+    "PassRowErrors",
+    "load_pixel_values",
+    "make_handler",
+    "single_threaded_torch_in_this_thread",
+]
 
 logger = logging.getLogger(__name__)
-
-
-def load_pixel_values(
-    row: ImageRow,
-    *,
-    fetcher: Fetcher,
-    preprocessor: Preprocessor,
-    decode: DecodeOptions,
-    draft_side: int | None,
-    data: bytes | None = None,
-) -> np.ndarray:
-    """One row's `pixel_values`: from `data`, its inline image, or the bytes at its URI.
-
-    Raises:
-        RowError: for any failure of this row.
-    """
-    if row.error is not None:
-        raise row.error
-    image: Image.Image
-    if data is None and isinstance(row.image, Image.Image):
-        # As transformers' load_image does for PIL inputs.
-        image = (ImageOps.exif_transpose(row.image) or row.image).convert("RGB")
-    else:
-        if data is None:
-            data = row.image if row.image is not None else fetcher.fetch(row.uri)
-        image = decode_image(data, draft_side=draft_side, max_pixels=decode.max_pixels)
-        del data
-    try:
-        (pixel_values,) = preprocessor([image])
-    except Exception as e:
-        raise RowError(
-            ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
-        ) from e
-    return pixel_values
-
-
-def single_threaded_torch_in_this_thread() -> None:
-    """Make torch ops in the calling thread run on one OpenMP thread.
-
-    Image processors run torch ops (resize, normalize) on the decode threads.
-    Each thread that runs an OpenMP region gets its own team of
-    `torch.get_num_threads()` threads, so two decode threads beside the
-    forward pass put three teams on the cores, spinning at each other's
-    barriers. `torch.set_num_threads` is process-wide (it would slow the
-    forward pass too), but OpenMP's team size is a per-thread setting: we let
-    torch initialise this thread, then set this thread's team size to 1.
-    """
-    try:
-        import ctypes
-
-        import torch
-
-        torch.ones(64).sum()  # torch's lazy per-thread init, which sets the team size
-        with open("/proc/self/maps") as maps:
-            library = next((line.split()[-1] for line in maps if "libgomp" in line), None)
-        if library:
-            ctypes.CDLL(library).omp_set_num_threads(1)
-    except Exception:  # best effort: other platforms and OpenMP runtimes differ
-        logger.debug("could not limit OpenMP threads on a decode thread", exc_info=True)
-
-
-class FetchDecodePreprocess(beam.DoFn):
-    """Turns an `ImageRow` into `(row, pixel_values)`, or `(row, RowError)` for a
-    row that failed (in the same output). Never raises for a bad image.
-
-    Up to `fetch.concurrency` rows are in flight, so network latency overlaps:
-    http(s) downloads wait on the fetcher's event loop, gs:// and s3:// on an
-    I/O thread pool, and `decode.threads` threads decode and preprocess
-    (Pillow releases the GIL while it decodes). Results are emitted as they
-    complete, in any order.
-
-    Example::
-
-        spec = LabelingSpec(model="default")
-        pre = ImagePreprocessor(spec.model_spec)
-        keyed = rows | beam.ParDo(FetchDecodePreprocess(pre, spec.fetch, spec.decode))
-    """
-
-    def __init__(
-        self,
-        preprocessor: Preprocessor,
-        fetch: FetchOptions,
-        decode: DecodeOptions,
-    ) -> None:
-        self._preprocessor = preprocessor
-        self._fetch = fetch
-        self._decode = decode
-
-    def setup(self) -> None:
-        if self._decode.tune_malloc:
-            tune_malloc()
-        self._preprocessor.setup()
-        self._draft_side = self._preprocessor.draft_side if self._decode.fast else None
-        self._fetcher = Fetcher(self._fetch)
-        # Decoding runs on a few threads only; network fetches wait elsewhere
-        # (http(s) on the fetcher's event loop, gs:// and s3:// on an I/O pool),
-        # so dozens of downloads in flight never mean dozens of threads
-        # allocating decode buffers (each thread grows its own malloc arena).
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self._decode.threads,
-            thread_name_prefix="decode",
-            initializer=single_threaded_torch_in_this_thread,
-        )
-        self._io_pool: ThreadPoolExecutor | None = None
-        # Rows submitted and not yet emitted; finished ones wait in `_finished`
-        # (their futures' callbacks put them there), so emitting one costs O(1)
-        # instead of a scan of every row in flight.
-        self._in_flight = 0
-        self._finished: queue.SimpleQueue[tuple[Future[np.ndarray], WindowedValue]] = (
-            queue.SimpleQueue()
-        )
-
-    def teardown(self) -> None:
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
-        if self._io_pool is not None:
-            self._io_pool.shutdown(wait=True, cancel_futures=True)
-        self._fetcher.close()
-
-    def load(self, row: ImageRow, data: bytes | None = None) -> np.ndarray:
-        """Decode and preprocess one row, fetching it first unless `data` (or the
-        row's own image) is given. Runs on a decode thread.
-
-        Raises:
-            RowError: for any failure of this row.
-        """
-        return load_pixel_values(
-            row,
-            fetcher=self._fetcher,
-            preprocessor=self._preprocessor,
-            decode=self._decode,
-            draft_side=self._draft_side,
-            data=data,
-        )
-
-    def _submit(self, row: ImageRow) -> Future[np.ndarray]:
-        """Start one row: remote bytes are fetched off the decode threads first."""
-        scheme = scheme_of(row.uri) if row.uri else "file"
-        # Rows with nothing to download (inline images, local files, rows that
-        # will be invalid_input) go straight to a decode thread.
-        if (
-            row.error is not None
-            or row.image is not None
-            or scheme == "file"
-            or scheme not in self._fetch.allowed_schemes
-        ):
-            return self._decode_pool.submit(self.load, row)
-        if scheme in ("http", "https"):
-            fetched = self._fetcher.fetch_async(row.uri or "")
-        else:
-            if self._io_pool is None:
-                self._io_pool = ThreadPoolExecutor(
-                    max_workers=self._fetch.concurrency, thread_name_prefix="fetch"
-                )
-            fetched = self._io_pool.submit(self._fetcher.fetch, row.uri)
-        result: Future[np.ndarray] = Future()
-
-        def decoded(future: Future[np.ndarray]) -> None:
-            try:
-                result.set_result(future.result())
-            except BaseException as e:
-                result.set_exception(e)
-
-        def on_fetched(future: Future[bytes]) -> None:
-            try:
-                data = future.result()
-            except BaseException as e:
-                result.set_exception(e)
-                return
-            self._decode_pool.submit(self.load, row, data).add_done_callback(decoded)
-
-        fetched.add_done_callback(on_fetched)
-        return result
-
-    def _result(self, future: Future[np.ndarray], element: WindowedValue) -> Any:
-        row = element.value
-        try:
-            return element.with_value((row, future.result()))
-        except RowError as e:
-            failure = e
-        except Exception as e:  # a bug must still give a row, not kill the bundle
-            failure = RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
-        # Counted once, in `_to_record`, where every row's final result arrives.
-        return element.with_value((row, failure))
-
-    def _emit(self, cap: int) -> Iterator[Any]:
-        """Emit every finished row; then wait while more than `cap` are in flight."""
-        while self._in_flight and (self._in_flight > cap or not self._finished.empty()):
-            future, element = self._finished.get()  # waits only when over the cap
-            self._in_flight -= 1
-            yield self._result(future, element)
-
-    def process(
-        self,
-        row: ImageRow,
-        timestamp: Any = beam.DoFn.TimestampParam,
-        window: Any = beam.DoFn.WindowParam,
-    ) -> Iterator[Any]:
-        element = WindowedValue(row, timestamp, (window,))
-        future = self._submit(row)
-        self._in_flight += 1
-        future.add_done_callback(lambda f: self._finished.put((f, element)))
-        yield from self._emit(self._fetch.concurrency)
-
-    def finish_bundle(self) -> Iterator[Any]:
-        yield from self._emit(0)
 
 
 def _to_record(item: tuple[ImageRow, Prediction | RowError], fmt: RecordFormat) -> dict[str, Any]:
@@ -340,6 +155,74 @@ class LabelingOptions:
         return cls(spec.fetch, spec.decode, fmt)
 
 
+@dataclass(frozen=True)
+class ModelStep:
+    """One model of a several-model pass: the name its columns take, its
+    handler and its preprocessor (steps with equal preprocessors share one
+    run of it: `share_key`)."""
+
+    name: str
+    handler: ModelHandler[np.ndarray, Prediction | RowError, Any]
+    preprocessor: Preprocessor
+
+
+def share_key(preprocessor: Preprocessor) -> Hashable:
+    """Equal for preprocessors that give the same pixels (`ImagePreprocessor.
+    share_key`); a preprocessor of another kind shares with itself only."""
+    key = getattr(preprocessor, "share_key", None)
+    return key() if callable(key) else ("object", id(preprocessor))
+
+
+@dataclass(frozen=True)
+class _Carry:
+    """A row on its way through the models: its pixels per preprocessor (or
+    the error it failed with before any model), and the models' results so far."""
+
+    row: ImageRow
+    pixels: tuple[np.ndarray | RowError | None, ...] | RowError
+    results: tuple[Prediction | RowError, ...] = ()
+
+
+def _start(item: tuple[ImageRow, Pixels | RowError]) -> _Carry:
+    row, pixels = item
+    return _Carry(row, pixels)
+
+
+def _select(carry: _Carry, index: int, last: bool) -> tuple[_Carry, Any]:
+    """(carry, this model's example): its preprocessor's pixels, or a RowError
+    (the row's, or the preprocessor's on this image), which passes the model by.
+    A model that is its preprocessor's last drops those pixels from the carry."""
+    if isinstance(carry.pixels, RowError):
+        return carry, carry.pixels
+    example = carry.pixels[index]
+    if last:
+        pixels = carry.pixels[:index] + (None,) + carry.pixels[index + 1 :]
+        carry = dataclasses.replace(carry, pixels=pixels)
+    return carry, example
+
+
+def _collect(item: tuple[_Carry, Prediction | RowError], model: str) -> _Carry:
+    carry, result = item
+    if not isinstance(carry.pixels, RowError):  # the row's own failure is counted once, per row
+        if isinstance(result, RowError):
+            count_error(result, model)
+        else:
+            count_ok(model)
+    return dataclasses.replace(carry, results=(*carry.results, result))
+
+
+def _carry_to_record(carry: _Carry, fmt: RecordFormat) -> dict[str, Any]:
+    if isinstance(carry.pixels, RowError):
+        count_error(carry.pixels)
+        return fmt.record(carry.row, carry.pixels)
+    failure = next((r for r in carry.results if isinstance(r, RowError)), None)
+    if failure is None:
+        count_ok()
+    else:
+        count_error(failure)
+    return fmt.record(carry.row, carry.results)
+
+
 class LabelImageRows(beam.PTransform):
     """Labels a PCollection of `ImageRow` into output records, one per row.
 
@@ -354,23 +237,51 @@ class LabelImageRows(beam.PTransform):
             handler, ImagePreprocessor(spec.model_spec), LabelingOptions.of(spec)
         )
 
+    Several models: ``LabelImageRows(steps=[ModelStep("cls", ...), ...],
+    options=...)``, with `options.record_format.models` naming the same models.
+
     Args:
         handler: the model handler (image or zero-shot classification).
         preprocessor: the model's image preprocessing, run before batching.
         options: fetch and decode options, and the output record format
             (default: those of `LabelingSpec()`).
+        steps: instead of `handler` and `preprocessor`, several models.
     """
 
     def __init__(
         self,
-        handler: ModelHandler[np.ndarray, Prediction | RowError, Any],
-        preprocessor: Preprocessor,
+        handler: ModelHandler[np.ndarray, Prediction | RowError, Any] | None = None,
+        preprocessor: Preprocessor | None = None,
         options: LabelingOptions | None = None,
+        *,
+        steps: Sequence[ModelStep] = (),
     ) -> None:
         super().__init__()
+        if steps and (handler is not None or preprocessor is not None):
+            raise TypeError("give a handler and a preprocessor, or steps, not both")
+        if not steps and (handler is None or preprocessor is None):
+            raise TypeError("LabelImageRows needs a handler and a preprocessor (or steps)")
+        self._steps = tuple(steps)
         self._handler = handler
         self._preprocessor = preprocessor
         self._options = options or LabelingOptions.of(LabelingSpec())
+        if self._steps:
+            names = [s.name for s in self._steps]
+            if list(self._options.record_format.model_names) != names:
+                raise ValueError(
+                    f"the record format's models {list(self._options.record_format.model_names)} "
+                    f"are not the steps' {names}"
+                )
+            # One run of each distinct preprocessor: `_uses[i]` is step i's.
+            keys: list[Hashable] = []
+            self._distinct: list[Preprocessor] = []
+            self._uses: list[int] = []
+            for step in self._steps:
+                key = share_key(step.preprocessor)
+                if key not in keys:
+                    keys.append(key)
+                    self._distinct.append(step.preprocessor)
+                self._uses.append(keys.index(key))
 
     @classmethod
     def of(cls, spec: LabelingSpec, record_format: RecordFormat | None = None) -> LabelImageRows:
@@ -382,28 +293,77 @@ class LabelImageRows(beam.PTransform):
             LabelingOptions.of(spec, record_format),
         )
 
+    @classmethod
+    def of_models(
+        cls, models: Sequence[NamedSpec], record_format: RecordFormat | None = None
+    ) -> LabelImageRows:
+        """The rows labeler of resolved models: `of` for a single unnamed one,
+        else a step per model. `record_format` names the same models."""
+        if len(models) == 1 and models[0].name is None:
+            return cls.of(models[0].spec, record_format)
+        first = models[0].spec
+        steps = [
+            ModelStep(str(m.name), make_handler(m.spec), ImagePreprocessor(m.spec.model_spec))
+            for m in models
+        ]
+        options = LabelingOptions(first.fetch, first.decode, record_format or RecordFormat())
+        return cls(steps=steps, options=options)
+
+    @property
+    def preprocessors(self) -> list[Preprocessor]:
+        """The preprocessors that run, once each per image."""
+        return list(self._distinct) if self._steps else [self._preprocessor]  # type: ignore[list-item]
+
     def preload(self, weights: Any = None) -> None:
-        """Start loading the model and its processor in this process now, for an
-        in-process run (they load while Beam plans and reads). `weights`: the
-        model `resolve_loaded` loaded to check it, so it is not read again.
+        """Start loading the models and their processors in this process now,
+        for an in-process run (they load while Beam plans and reads).
+        `weights`: the model `resolve_loaded` loaded to check it (a list, one
+        per step, for several), so it is not read again.
 
         A runner with separate worker processes loads its own copies.
         """
-        preload = getattr(self._handler, "preload", None)
-        if preload is not None:
-            preload(weights)
-        preload = getattr(self._preprocessor, "preload", None)
-        if preload is not None:
-            preload()
+        handlers = [s.handler for s in self._steps] or [self._handler]  # type: ignore[list-item]
+        kept = weights if self._steps else [weights]
+        for handler, kept_weights in zip(handlers, kept or [None] * len(handlers), strict=True):
+            preload = getattr(handler, "preload", None)
+            if preload is not None:
+                preload(kept_weights)
+        for preprocessor in self.preprocessors:
+            preload = getattr(preprocessor, "preload", None)
+            if preload is not None:
+                preload()
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         fmt = self._options.record_format
+        if self._steps:
+            return self._expand_steps(rows, fmt)
         return (
             rows
             | "FetchAndDecode"
             >> beam.ParDo(
-                FetchDecodePreprocess(self._preprocessor, self._options.fetch, self._options.decode)
+                FetchDecodePreprocess(self._preprocessor, self._options.fetch, self._options.decode)  # type: ignore[arg-type]
             )
-            | "RunInference" >> RunInference(KeyedModelHandler(PassRowErrors(self._handler)))
+            | "RunInference" >> RunInference(KeyedModelHandler(PassRowErrors(self._handler)))  # type: ignore[arg-type]
             | "ToRecords" >> beam.Map(_to_record, fmt)
         )
+
+    def _expand_steps(self, rows: beam.PCollection, fmt: RecordFormat) -> beam.PCollection:
+        carried = (
+            rows
+            | "FetchAndDecode"
+            >> beam.ParDo(
+                FetchDecodePreprocess(self._distinct, self._options.fetch, self._options.decode)
+            )
+            | "StartModels" >> beam.Map(_start)
+        )
+        for i, step in enumerate(self._steps):
+            index = self._uses[i]
+            last = index not in self._uses[i + 1 :]
+            carried = (
+                carried
+                | f"Select[{step.name}]" >> beam.Map(_select, index, last)
+                | f"RunInference[{step.name}]"
+                >> RunInference(KeyedModelHandler(PassRowErrors(step.handler)))
+                | f"Collect[{step.name}]" >> beam.Map(_collect, step.name)
+            )
+        return carried | "ToRecords" >> beam.Map(_carry_to_record, fmt)

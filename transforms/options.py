@@ -35,6 +35,8 @@ class OptionInfo:
         repeatable: the flag may be given several times (a list).
         path: a file or directory path; a YAML config's relative value resolves
             against the config file's folder.
+        shared: a labeling option of the whole pass (fetch, decode, device,
+            threads), not of one model: an entry of `models:` may not set it.
     """
 
     parse: Callable[[Any], Any]
@@ -43,6 +45,7 @@ class OptionInfo:
     switch: bool = False
     repeatable: bool = False
     path: bool = False
+    shared: bool = False
 
 
 def option(
@@ -54,9 +57,10 @@ def option(
     switch: bool = False,
     repeatable: bool = False,
     path: bool = False,
+    shared: bool = False,
 ) -> Any:
     """A dataclass field that is a job option (see `OptionInfo`)."""
-    info = OptionInfo(parse, help, metavar, switch, repeatable, path)
+    info = OptionInfo(parse, help, metavar, switch, repeatable, path, shared)
     return dataclasses.field(default=default, metadata={OPTION: info})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from transforms.model.device import check_device_support, resolve_device
 from transforms.model.label_set import LabelSet, LabelSetError, is_sigmoid_family
 from transforms.model.loading import ModelLoadError, load_pretrained, model_facts
 from transforms.model.postprocess import resolve_function
+from transforms.models import NamedSpec
 from transforms.options import ConfigError
 from transforms.spec import IMAGE_CLASSIFICATION, ZERO_SHOT, LabelingSpec
 
@@ -180,3 +182,46 @@ def metadata(spec: LabelingSpec) -> dict[str, str]:
             }
         )
     return meta
+
+
+#: The metadata of a pass rather than of one of its models.
+PASS_KEYS = ("image_labeler.version", "image_labeler.decode")
+#: Where a several-model pass keeps model `<name>`'s metadata:
+#: ``image_labeler.models.<name>.model`` and so on.
+MODEL_KEY_PREFIX = "image_labeler.models."
+
+
+def model_key(key: str, model: str | None) -> str:
+    """The metadata key of `key` (``image_labeler.model``) for one model of a
+    pass: itself for the single unnamed model."""
+    if model is None:
+        return key
+    return f"{MODEL_KEY_PREFIX}{model}.{key.split('.', 1)[1]}"
+
+
+def models_metadata(models: Sequence[NamedSpec]) -> dict[str, str]:
+    """Parquet key-value metadata of a pass: `metadata` of its single model, or
+    each model's under its name (`model_key`) and the pass's own keys once."""
+    meta: dict[str, str] = {}
+    for model in models:
+        for key, value in metadata(model.spec).items():
+            meta[key if key in PASS_KEYS else model_key(key, model.name)] = value
+    return meta
+
+
+def resolve_models(models: Sequence[NamedSpec], *, local: bool) -> list[tuple[NamedSpec, Any]]:
+    """`resolve_loaded` each model of a pass: (resolved model, its checked weights).
+
+    Raises:
+        what `resolve_loaded` raises, the message naming the model of several.
+    """
+    resolved = []
+    for model in models:
+        try:
+            done = resolve_loaded(model.spec, local=local)
+        except (ConfigError, ModelLoadError) as e:
+            if model.name is None:
+                raise
+            raise type(e)(f"model {model.name}: {e}") from None
+        resolved.append((NamedSpec(model.name, done.spec), done.weights))
+    return resolved

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
 
-from transforms.errors import RowError, Status
+from transforms.errors import RowError, Status, format_error
 
 #: Parquet metadata key of the `--output-prefix` an output was written with.
 PREFIX_KEY = "image_labeler.output_prefix"
 #: Parquet metadata key of `RecordFormat.status_prefix`, when an output has one.
 STATUS_PREFIX_KEY = "image_labeler.status_prefix"
+#: Parquet metadata key of the model names of a several-model pass (a JSON list).
+MODELS_KEY = "image_labeler.models"
 
 #: Our row-status columns. An input may carry its own bookkeeping under these
 #: names (img2dataset's `status`, "success"/"failed_to_download"); ours then
@@ -24,14 +27,19 @@ OWN_STATUS_PREFIX = "label_"
 #: The `--embeddings` column, after the label columns.
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 
-LABEL_FIELDS: tuple[pa.Field, ...] = (
+#: A model's columns: its labels, then its status (`ok` or why its labels
+#: are missing) and error.
+PREDICTION_FIELDS: tuple[pa.Field, ...] = (
     pa.field("label", pa.string()),
     pa.field("score", pa.float32()),
     pa.field("labels", pa.list_(pa.string())),
     pa.field("scores", pa.list_(pa.float32())),
+)
+STATUS_FIELDS: tuple[pa.Field, ...] = (
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
 )
+LABEL_FIELDS: tuple[pa.Field, ...] = PREDICTION_FIELDS + STATUS_FIELDS
 
 
 @dataclass(frozen=True)
@@ -92,9 +100,30 @@ SOURCE_FIELDS: tuple[pa.Field, ...] = (
 
 
 @dataclass(frozen=True)
+class ModelColumns:
+    """The columns of one model of a several-model pass: `<name>_label`,
+    `<name>_score`, `<name>_labels`, `<name>_scores`, `<name>_status`,
+    `<name>_error` and, with `embeddings`, `<name>_embedding`."""
+
+    name: str
+    embeddings: bool = False
+
+
+#: What one row's labeling gave: a `RowError` when the row failed before any
+#: model (fetch, decode), else one result per model, in the format's order.
+Results = RowError | Sequence["Prediction | RowError"]
+
+
+@dataclass(frozen=True)
 class RecordFormat:
     """The columns the labeler adds to each row: optional join-back columns
     (`source_file`, `source_row`) and the label columns, all with `prefix`.
+
+    With `models` (a several-model pass) each model has its own label, status
+    and error columns under its name (`ModelColumns`), and the row's `status`
+    and `error` say whether every model labeled it: `ok` only then, else the
+    first failure's status, and its error with the model's name
+    (``inference_failed: tags: ...``).
 
     Attributes:
         prefix: prepended to every added column (``pred_`` gives ``pred_label``),
@@ -103,34 +132,72 @@ class RecordFormat:
         embeddings: add the `embedding` column (`--embeddings`).
         status_prefix: prepended (after `prefix`) to the row-status columns
             only: `OWN_STATUS_PREFIX` when the input has its own (`for_input`).
+        models: the models of a several-model pass; empty for one model
+            (unprefixed columns, `embeddings` for its embedding column).
     """
 
     prefix: str = ""
     source: bool = False
     embeddings: bool = False
     status_prefix: str = ""
+    models: tuple[ModelColumns, ...] = ()
 
     @classmethod
     def for_input(
-        cls, input_schema: pa.Schema, *, prefix: str = "", source: bool = True, embeddings: bool
+        cls,
+        input_schema: pa.Schema,
+        *,
+        prefix: str = "",
+        source: bool = True,
+        embeddings: bool = False,
+        models: Sequence[ModelColumns] = (),
     ) -> RecordFormat:
         """The format for an input: our `status`/`error` become `label_status`/
         `label_error` when the input has a column of either name (an upstream
         tool's bookkeeping, never renamed or dropped). A clash on any other
         added column is left for `schema` to refuse, naming `--output-prefix`."""
-        fmt = cls(prefix=prefix, source=source, embeddings=embeddings)
+        fmt = cls(prefix=prefix, source=source, embeddings=embeddings, models=tuple(models))
         if any(fmt.name(c) in input_schema.names for c in ROW_STATUS_COLUMNS):
             return replace(fmt, status_prefix=OWN_STATUS_PREFIX)
         return fmt
 
     @property
+    def model_names(self) -> tuple[str | None, ...]:
+        """The models whose columns this format has: their names, or (None,)
+        for the single model of an unprefixed output."""
+        return tuple(m.name for m in self.models) or (None,)
+
+    @property
+    def tally_names(self) -> tuple[str, ...]:
+        """The columns a summary of records reads: the source columns, the
+        row's status and error, and each model's label, status and error."""
+        names = [self.name(c) for c in ("source_file", "source_row", "status", "error")]
+        for model in self.model_names:
+            names += [self.name(c, model) for c in ("label", "status", "error")]
+        return tuple(dict.fromkeys(names))
+
+    def model_embeddings(self, model: str | None) -> bool:
+        """Whether `model` (a name of `model_names`) has an embedding column."""
+        if model is None:
+            return self.embeddings
+        return next(m.embeddings for m in self.models if m.name == model)
+
+    @property
     def fields(self) -> tuple[pa.Field, ...]:
-        added = (
-            (SOURCE_FIELDS if self.source else ())
-            + LABEL_FIELDS
-            + ((EMBEDDING_FIELD,) if self.embeddings else ())
-        )
-        return tuple(f.with_name(self.name(f.name)) for f in added)
+        source = tuple(f.with_name(self.name(f.name)) for f in SOURCE_FIELDS if self.source)
+        labels: list[pa.Field] = []
+        for model in self.model_names:
+            own = PREDICTION_FIELDS + (STATUS_FIELDS if model is not None else ())
+            own += (EMBEDDING_FIELD,) if self.model_embeddings(model) else ()
+            labels += [f.with_name(self.name(f.name, model)) for f in own]
+        if self.models:
+            labels += [f.with_name(self.name(f.name)) for f in STATUS_FIELDS]
+        else:  # one model: today's order, the embedding last
+            labels = labels[: len(PREDICTION_FIELDS)] + [
+                f.with_name(self.name(f.name)) for f in STATUS_FIELDS
+            ]
+            labels += [EMBEDDING_FIELD.with_name(self.name("embedding"))] if self.embeddings else []
+        return source + tuple(labels)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -142,10 +209,14 @@ class RecordFormat:
         return {
             **({PREFIX_KEY: self.prefix} if self.prefix else {}),
             **({STATUS_PREFIX_KEY: self.status_prefix} if self.status_prefix else {}),
+            **({MODELS_KEY: json.dumps([m.name for m in self.models])} if self.models else {}),
         }
 
-    def name(self, column: str) -> str:
-        """The output name of an added column (`status` -> `pred_status`)."""
+    def name(self, column: str, model: str | None = None) -> str:
+        """The output name of an added column (`status` -> `pred_status`); of
+        a model's own column with `model` (`label`, "cls" -> `pred_cls_label`)."""
+        if model is not None:
+            return f"{self.prefix}{model}_{column}"
         if column in ROW_STATUS_COLUMNS:
             return self.prefix + self.status_prefix + column
         return self.prefix + column
@@ -161,11 +232,16 @@ class RecordFormat:
         metadata = schema.metadata or {}
         prefix = metadata.get(PREFIX_KEY.encode(), b"").decode()
         names = set(schema.names)
+        models = tuple(
+            ModelColumns(name, f"{prefix}{name}_{EMBEDDING_FIELD.name}" in names)
+            for name in json.loads(metadata.get(MODELS_KEY.encode(), b"[]").decode())
+        )
         return cls(
             prefix=prefix,
             source=prefix + "source_file" in names,
             embeddings=prefix + EMBEDDING_FIELD.name in names,
             status_prefix=metadata.get(STATUS_PREFIX_KEY.encode(), b"").decode(),
+            models=models,
         )
 
     def schema(
@@ -192,40 +268,65 @@ class RecordFormat:
             schema = schema.with_metadata({k: v for k, v in metadata.items()})
         return schema
 
-    def _record(self, row: ImageRow, labels: dict[str, Any]) -> dict[str, Any]:
+    def record(self, row: ImageRow, results: Results) -> dict[str, Any]:
+        """The output record of a row: its passthrough values, its source, and
+        each model's columns (see `Results`)."""
         record = dict(row.values)
         if self.source:
             record[self.name("source_file")] = row.source_file
             record[self.name("source_row")] = row.source_row
-        for key, value in labels.items():
-            record[self.name(key)] = value
+        names = self.model_names
+        per_model = [results] * len(names) if isinstance(results, RowError) else list(results)
+        if len(per_model) != len(names):
+            raise ValueError(f"{len(per_model)} results for the models {list(names)}")
+        failed: tuple[str | None, RowError] | None = None
+        for model, result in zip(names, per_model, strict=True):
+            self._model_columns(record, model, result)
+            if failed is None and isinstance(result, RowError):
+                failed = (model, result)
+        if self.models:
+            if failed is None:
+                status, error = Status.OK.value, None
+            else:
+                model, failure = failed
+                status = failure.status.value
+                error = (
+                    str(failure)
+                    if isinstance(results, RowError)
+                    else format_error(failure.code, f"{model}: {failure.message}")
+                )
+            record[self.name("status")] = status
+            record[self.name("error")] = error
         return record
 
+    def _model_columns(
+        self, record: dict[str, Any], model: str | None, result: Prediction | RowError
+    ) -> None:
+        # One model's columns; its status and error are the row's when alone.
+        embeddings = self.model_embeddings(model)
+        if isinstance(result, RowError):
+            values: dict[str, Any] = dict.fromkeys(("label", "score", "labels", "scores"))
+            values.update(status=result.status.value, error=str(result))
+            if embeddings:
+                values["embedding"] = None
+        else:
+            values = {
+                "label": result.label,
+                "score": result.score,
+                "labels": list(result.labels),
+                "scores": list(result.scores),
+                "status": Status.OK.value,
+                "error": None,
+            }
+            if embeddings:
+                values["embedding"] = result.embedding
+        for column, value in values.items():
+            record[self.name(column, model)] = value
+
     def ok(self, row: ImageRow, prediction: Prediction) -> dict[str, Any]:
-        """The output record of a labeled row."""
-        labels = {
-            "label": prediction.label,
-            "score": prediction.score,
-            "labels": list(prediction.labels),
-            "scores": list(prediction.scores),
-            "status": Status.OK.value,
-            "error": None,
-        }
-        if self.embeddings:
-            labels["embedding"] = prediction.embedding
-        return self._record(row, labels)
+        """The output record of a row one model labeled."""
+        return self.record(row, [prediction])
 
     def error(self, row: ImageRow, error: RowError) -> dict[str, Any]:
         """The output record of a row that failed: same columns, no labels."""
-        return self._record(
-            row,
-            {
-                "label": None,
-                "score": None,
-                "labels": None,
-                "scores": None,
-                "status": error.status.value,
-                "error": str(error),
-                **({"embedding": None} if self.embeddings else {}),
-            },
-        )
+        return self.record(row, error)

@@ -161,7 +161,11 @@ class LabelingSpec:
         None, positive_float, "streaming: flush a partial batch after this long", "S"
     )
     device: str = option(
-        "auto", choice(DEVICES), "auto|cpu|cuda; auto = cuda when available", "DEVICE"
+        "auto",
+        choice(DEVICES),
+        "auto|cpu|cuda; auto = cuda when available",
+        "DEVICE",
+        shared=True,
     )
     precision: str = option(
         "fp32", choice(PRECISIONS), "fp32|fp16|bf16 (fp16 needs a GPU)", "PRECISION"
@@ -185,7 +189,11 @@ class LabelingSpec:
         False, boolean, "one model per worker machine (large models)", "BOOL"
     )
     torch_threads: int | None = option(
-        None, positive_int, "torch intra-op threads per process (default: all cores)", "N"
+        None,
+        positive_int,
+        "torch intra-op threads per process (default: all cores)",
+        "N",
+        shared=True,
     )
     tune_malloc: bool = option(
         True,
@@ -194,6 +202,7 @@ class LabelingSpec:
         "forward pass reuses its buffers instead of faulting in fresh pages (ignored when "
         "MALLOC_*_THRESHOLD_ or LD_PRELOAD is set)",
         "BOOL",
+        shared=True,
     )
     fast_decode: bool = option(
         False,
@@ -201,28 +210,45 @@ class LabelingSpec:
         "decode large JPEGs at reduced scale: faster, but labels can differ from "
         "transformers.pipeline (measured trade in the README's Performance section)",
         switch=True,
+        shared=True,
     )
-    decode_threads: int = option(2, positive_int, "images decoded at once per worker process", "N")
+    decode_threads: int = option(
+        2, positive_int, "images decoded at once per worker process", "N", shared=True
+    )
     max_image_pixels: int = option(
-        DEFAULT_MAX_PIXELS, positive_int, "decompression-bomb limit, in pixels", "PIXELS"
+        DEFAULT_MAX_PIXELS,
+        positive_int,
+        "decompression-bomb limit, in pixels",
+        "PIXELS",
+        shared=True,
     )
     max_image_bytes: int = option(
-        50 << 20, positive_int, "images past this size fail as too_large", "BYTES"
+        50 << 20,
+        positive_int,
+        "images past this size fail as too_large",
+        "BYTES",
+        shared=True,
     )
     fetch_timeout: float = option(
         30.0,
         positive_float,
         "seconds per fetch attempt, for every scheme (connect, headers and body)",
         "S",
+        shared=True,
     )
-    fetch_concurrency: int = option(64, positive_int, "fetches in flight per worker process", "N")
-    fetch_per_host: int = option(32, positive_int, "http(s) fetches in flight per host", "N")
+    fetch_concurrency: int = option(
+        64, positive_int, "fetches in flight per worker process", "N", shared=True
+    )
+    fetch_per_host: int = option(
+        32, positive_int, "http(s) fetches in flight per host", "N", shared=True
+    )
     fetch_retries: int = option(
         3,
         non_negative_int,
         "retries of a transient failure (HTTP 408/425/429/5xx, timeouts, resets), "
         "with backoff and Retry-After; other failures are final",
         "N",
+        shared=True,
     )
     block_private_networks: bool = option(
         False,
@@ -230,9 +256,14 @@ class LabelingSpec:
         "also refuse http(s) fetches from loopback and private addresses (untrusted "
         "manifests); link-local and cloud metadata addresses are always refused",
         switch=True,
+        shared=True,
     )
     allowed_schemes: tuple[str, ...] = option(
-        DEFAULT_ALLOWED_SCHEMES, lower_list, "URI schemes that may be fetched", "LIST"
+        DEFAULT_ALLOWED_SCHEMES,
+        lower_list,
+        "URI schemes that may be fetched",
+        "LIST",
+        shared=True,
     )
     allow_pickle_weights: bool = option(
         False,

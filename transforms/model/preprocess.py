@@ -8,8 +8,10 @@ normalizes them), its float32 `pixel_values` otherwise.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +57,20 @@ def input_side(processor: Any) -> int:
     return max(sides) if sides else 224
 
 
+@functools.lru_cache(maxsize=32)
+def processor_config(spec: ModelSpec) -> str:
+    """A model's image processor as canonical text (its class and its
+    settings), to tell whether two models preprocess alike; the model itself
+    when its processor cannot be loaded here."""
+    try:
+        processor = load_image_processor(spec)
+        settings = processor.to_dict()
+    except Exception:
+        logger.debug("cannot compare the processor of %s", spec.model, exc_info=True)
+        return f"model {spec!r}"
+    return type(processor).__name__ + json.dumps(settings, sort_keys=True, default=str)
+
+
 class Preprocessor(Protocol):
     """What `FetchDecodePreprocess` needs from a preprocessor."""
 
@@ -81,6 +97,11 @@ class ImagePreprocessor:
         self._processor: Any = None
         self._split: PixelSplit | None = None
         self._preloaded: Preload[Any] = Preload()
+
+    def share_key(self) -> Hashable:
+        """Equal for two preprocessors that give the same pixels: the same
+        model, or processors of the same class and settings."""
+        return ("image processor", self._uint8, processor_config(self._spec))
 
     def preload(self) -> None:
         """Start loading the processor in the background (local in-process runs).

@@ -1,0 +1,280 @@
+"""`FetchDecodePreprocess`: rows in, the models' pixels out, one decode per image.
+
+Each row is fetched (network waits overlap on an event loop or an I/O pool),
+decoded once on a few decode threads, and run through each distinct
+preprocessor of the pass. A row that fails to fetch or decode comes out as
+`(row, RowError)` in the same output; a preprocessor that fails on an image
+fails only the models that use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils.windowed_value import WindowedValue
+from PIL import Image, ImageOps
+
+from transforms.allocator import tune_malloc
+from transforms.errors import ErrorCode, RowError
+from transforms.images.decode import DecodeOptions, decode_image
+from transforms.images.fetch import Fetcher, FetchOptions
+from transforms.model.preprocess import Preprocessor
+from transforms.rows import ImageRow
+from transforms.uri import scheme_of
+
+logger = logging.getLogger(__name__)
+
+#: What a several-preprocessor `FetchDecodePreprocess` emits per row that
+#: decoded: one result per preprocessor, in their order.
+Pixels = tuple["np.ndarray | RowError", ...]
+
+
+def load_image(
+    row: ImageRow,
+    *,
+    fetcher: Fetcher,
+    decode: DecodeOptions,
+    draft_side: int | None,
+    data: bytes | None = None,
+) -> Image.Image:
+    """One row's decoded RGB image: from `data`, its inline image, or the bytes
+    at its URI.
+
+    Raises:
+        RowError: for any failure of this row.
+    """
+    if row.error is not None:
+        raise row.error
+    if data is None and isinstance(row.image, Image.Image):
+        # As transformers' load_image does for PIL inputs.
+        return (ImageOps.exif_transpose(row.image) or row.image).convert("RGB")
+    if data is None:
+        data = row.image if row.image is not None else fetcher.fetch(row.uri)
+    return decode_image(data, draft_side=draft_side, max_pixels=decode.max_pixels)
+
+
+def preprocess(preprocessor: Preprocessor, image: Image.Image) -> np.ndarray:
+    """One image through one preprocessor.
+
+    Raises:
+        RowError: `decode_failed` when the preprocessor fails on the image.
+    """
+    try:
+        (pixel_values,) = preprocessor([image])
+    except Exception as e:
+        raise RowError(
+            ErrorCode.DECODE_FAILED, f"preprocessing failed: {type(e).__name__}: {e}"
+        ) from e
+    return pixel_values
+
+
+def load_pixel_values(
+    row: ImageRow,
+    *,
+    fetcher: Fetcher,
+    preprocessor: Preprocessor,
+    decode: DecodeOptions,
+    draft_side: int | None,
+    data: bytes | None = None,
+) -> np.ndarray:
+    """One row's `pixel_values` for one preprocessor (`load_image`, `preprocess`).
+
+    Raises:
+        RowError: for any failure of this row.
+    """
+    image = load_image(row, fetcher=fetcher, decode=decode, draft_side=draft_side, data=data)
+    return preprocess(preprocessor, image)
+
+
+def _tried(preprocessor: Preprocessor, image: Image.Image) -> np.ndarray | RowError:
+    try:
+        return preprocess(preprocessor, image)
+    except RowError as e:
+        return e
+    except Exception as e:  # a bug fails this preprocessor's models only
+        return RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
+
+
+def single_threaded_torch_in_this_thread() -> None:
+    """Make torch ops in the calling thread run on one OpenMP thread.
+
+    Image processors run torch ops (resize, normalize) on the decode threads.
+    Each thread that runs an OpenMP region gets its own team of
+    `torch.get_num_threads()` threads, so two decode threads beside the
+    forward pass put three teams on the cores, spinning at each other's
+    barriers. `torch.set_num_threads` is process-wide (it would slow the
+    forward pass too), but OpenMP's team size is a per-thread setting: we let
+    torch initialise this thread, then set this thread's team size to 1.
+    """
+    try:
+        import ctypes
+
+        import torch
+
+        torch.ones(64).sum()  # torch's lazy per-thread init, which sets the team size
+        with open("/proc/self/maps") as maps:
+            library = next((line.split()[-1] for line in maps if "libgomp" in line), None)
+        if library:
+            ctypes.CDLL(library).omp_set_num_threads(1)
+    except Exception:  # best effort: other platforms and OpenMP runtimes differ
+        logger.debug("could not limit OpenMP threads on a decode thread", exc_info=True)
+
+
+class FetchDecodePreprocess(beam.DoFn):
+    """Turns an `ImageRow` into `(row, pixel_values)`, or `(row, RowError)` for a
+    row that failed (in the same output). Never raises for a bad image.
+
+    Given a sequence of preprocessors, it decodes each image once and emits
+    `(row, Pixels)`: one result per preprocessor, a `RowError` where that one
+    failed on the image.
+
+    Up to `fetch.concurrency` rows are in flight, so network latency overlaps:
+    http(s) downloads wait on the fetcher's event loop, gs:// and s3:// on an
+    I/O thread pool, and `decode.threads` threads decode and preprocess
+    (Pillow releases the GIL while it decodes). Results are emitted as they
+    complete, in any order.
+
+    Example::
+
+        spec = LabelingSpec(model="default")
+        pre = ImagePreprocessor(spec.model_spec)
+        keyed = rows | beam.ParDo(FetchDecodePreprocess(pre, spec.fetch, spec.decode))
+    """
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor | Sequence[Preprocessor],
+        fetch: FetchOptions,
+        decode: DecodeOptions,
+    ) -> None:
+        self._several = isinstance(preprocessor, Sequence)
+        self._preprocessors: tuple[Preprocessor, ...] = (
+            tuple(preprocessor) if isinstance(preprocessor, Sequence) else (preprocessor,)
+        )
+        self._fetch = fetch
+        self._decode = decode
+
+    def setup(self) -> None:
+        if self._decode.tune_malloc:
+            tune_malloc()
+        for preprocessor in self._preprocessors:
+            preprocessor.setup()
+        # Fast decoding keeps enough pixels for the largest model input.
+        self._draft_side = (
+            max(p.draft_side for p in self._preprocessors) if self._decode.fast else None
+        )
+        self._fetcher = Fetcher(self._fetch)
+        # Decoding runs on a few threads only; network fetches wait elsewhere
+        # (http(s) on the fetcher's event loop, gs:// and s3:// on an I/O pool),
+        # so dozens of downloads in flight never mean dozens of threads
+        # allocating decode buffers (each thread grows its own malloc arena).
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self._decode.threads,
+            thread_name_prefix="decode",
+            initializer=single_threaded_torch_in_this_thread,
+        )
+        self._io_pool: ThreadPoolExecutor | None = None
+        # Rows submitted and not yet emitted; finished ones wait in `_finished`
+        # (their futures' callbacks put them there), so emitting one costs O(1)
+        # instead of a scan of every row in flight.
+        self._in_flight = 0
+        self._finished: queue.SimpleQueue[tuple[Future[Any], WindowedValue]] = queue.SimpleQueue()
+
+    def teardown(self) -> None:
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=True, cancel_futures=True)
+        self._fetcher.close()
+
+    def load(self, row: ImageRow, data: bytes | None = None) -> np.ndarray | Pixels:
+        """Decode and preprocess one row, fetching it first unless `data` (or the
+        row's own image) is given. Runs on a decode thread.
+
+        Raises:
+            RowError: for any failure of this row.
+        """
+        image = load_image(
+            row, fetcher=self._fetcher, decode=self._decode, draft_side=self._draft_side, data=data
+        )
+        del data
+        if not self._several:
+            return preprocess(self._preprocessors[0], image)
+        return tuple(_tried(p, image) for p in self._preprocessors)
+
+    def _submit(self, row: ImageRow) -> Future[Any]:
+        """Start one row: remote bytes are fetched off the decode threads first."""
+        scheme = scheme_of(row.uri) if row.uri else "file"
+        # Rows with nothing to download (inline images, local files, rows that
+        # will be invalid_input) go straight to a decode thread.
+        if (
+            row.error is not None
+            or row.image is not None
+            or scheme == "file"
+            or scheme not in self._fetch.allowed_schemes
+        ):
+            return self._decode_pool.submit(self.load, row)
+        if scheme in ("http", "https"):
+            fetched = self._fetcher.fetch_async(row.uri or "")
+        else:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(
+                    max_workers=self._fetch.concurrency, thread_name_prefix="fetch"
+                )
+            fetched = self._io_pool.submit(self._fetcher.fetch, row.uri)
+        result: Future[Any] = Future()
+
+        def decoded(future: Future[Any]) -> None:
+            try:
+                result.set_result(future.result())
+            except BaseException as e:
+                result.set_exception(e)
+
+        def on_fetched(future: Future[bytes]) -> None:
+            try:
+                data = future.result()
+            except BaseException as e:
+                result.set_exception(e)
+                return
+            self._decode_pool.submit(self.load, row, data).add_done_callback(decoded)
+
+        fetched.add_done_callback(on_fetched)
+        return result
+
+    def _result(self, future: Future[Any], element: WindowedValue) -> Any:
+        row = element.value
+        try:
+            return element.with_value((row, future.result()))
+        except RowError as e:
+            failure = e
+        except Exception as e:  # a bug must still give a row, not kill the bundle
+            failure = RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
+        # Counted once, in `_to_record`, where every row's final result arrives.
+        return element.with_value((row, failure))
+
+    def _emit(self, cap: int) -> Iterator[Any]:
+        """Emit every finished row; then wait while more than `cap` are in flight."""
+        while self._in_flight and (self._in_flight > cap or not self._finished.empty()):
+            future, element = self._finished.get()  # waits only when over the cap
+            self._in_flight -= 1
+            yield self._result(future, element)
+
+    def process(
+        self,
+        row: ImageRow,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterator[Any]:
+        element = WindowedValue(row, timestamp, (window,))
+        future = self._submit(row)
+        self._in_flight += 1
+        future.add_done_callback(lambda f: self._finished.put((f, element)))
+        yield from self._emit(self._fetch.concurrency)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit(0)
