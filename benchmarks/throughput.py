@@ -93,6 +93,34 @@ def build_model(name: str, directory: Path) -> str:
         )
         model = ViTForImageClassification(config)
         processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=224 / 256)
+    elif name in ("clip_b32", "near_free_clip"):
+        # benchmarks/several_models.py: CLIP ViT-B/32's real shape (random
+        # weights: no hub here), or one-layer towers on 32-px patches (a near-free
+        # forward), behind CLIP's real 224-px processor.
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        from tests.conftest import _clip_tokenizer
+
+        tokenizer = _clip_tokenizer()
+        vocab = len(tokenizer.get_vocab())
+        if name == "clip_b32":
+            config = CLIPConfig(
+                text_config={"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1},
+                vision_config={"patch_size": 32},
+            )
+        else:
+            tower = {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+            tower["num_attention_heads"] = 1
+            config = CLIPConfig(
+                text_config={**tower, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1},
+                vision_config={**tower, "patch_size": 32},
+                projection_dim=8,
+            )
+        model = CLIPModel(config)
+        model.eval().save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        CLIPImageProcessor().save_pretrained(target)
+        return str(target)
     elif name == "mobilenet_v2":
         config = MobileNetV2Config(num_labels=1000, id2label=labels)  # type: ignore[call-arg]
         model = MobileNetV2ForImageClassification(config)

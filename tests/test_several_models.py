@@ -415,3 +415,116 @@ def test_the_cli_exits_2_with_one_line_for_a_bad_entry(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("label-images: error: models[0] (a): decode_threads")
     assert "Traceback" not in result.stderr
+
+
+# ---- the consumers: Label Studio, the Python API, --resume --------------------------------
+
+
+@pytest.mark.slow
+def test_label_studio_export_takes_a_model_name(
+    tmp_path: Path, manifest: Path, tiny_vit: Path, tiny_clip: Path, tiny_siglip: Path
+) -> None:
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from pipelines import export
+
+    config = _write_config(
+        tmp_path / "job.yaml", manifest, _entries(tiny_vit, tiny_clip, tiny_siglip)
+    )
+    out = tmp_path / "out"
+    assert run_job(["--config", str(config), "--output", str(out)]) == 0
+    root = str(manifest.anchor)
+    assert export.main(["label-studio", str(out), "--to", str(tmp_path / "x")]) == 2
+    for model, labels, choice in (
+        ("cls", [f"class_{i}" for i in range(7)], "single"),
+        ("sig", LABELS, "multiple"),
+    ):
+        to = tmp_path / f"ls-{model}"
+        argv = ["label-studio", str(out), "--to", str(to), "--document-root", root]
+        assert export.main([*argv, "--model", model]) == 0
+        tasks = json.loads((to / "tasks.json").read_text())
+        xml = (to / "config.xml").read_text()
+        interface = LabelInterface(xml)
+        assert sorted(interface.get_control("label").labels) == sorted(labels)
+        assert f'choice="{choice}"' in xml
+        assert len(tasks) == len(manifest.read_text().split()) - 2
+        rows = _by_source(read_output(out))
+        for task in tasks:
+            assert interface.validate_task({"data": task["data"]})
+            (prediction,) = task["predictions"]
+            assert interface.validate_prediction(prediction, return_errors=True) == []
+            row = rows[(task["data"]["source_file"], task["data"]["source_row"])]
+            chosen = prediction["result"][0]["value"]["choices"]
+            assert chosen == (
+                row[f"{model}_labels"] if choice == "multiple" else [row["cls_label"]]
+            )
+            assert prediction["model_version"] == str(tiny_vit if model == "cls" else tiny_siglip)
+
+
+@pytest.mark.slow
+def test_the_python_api_takes_the_same_model_list(
+    tmp_path: Path, photo_dir: Path, tiny_vit: Path, tiny_clip: Path
+) -> None:
+    from transforms.api import LabelImages, classify
+
+    entries = [
+        {"name": "cls", "model": str(tiny_vit), "top_k": 2},
+        {"name": "tags", "model": str(tiny_clip), "candidate_labels": LABELS},
+    ]
+    photos = [str(p) for p in sorted(photo_dir.glob("*.jpg"))]
+    both = classify(photos, models=entries, device="cpu")
+    assert [set(r) for r in both] == [{"cls", "tags"}] * len(photos)
+    assert [r["cls"] for r in both] == classify(photos, model=str(tiny_vit), top_k=2, device="cpu")
+    tags = classify(photos, model=str(tiny_clip), candidate_labels=LABELS, device="cpu")
+    assert [r["tags"] for r in both] == tags
+    with pytest.raises(ConfigError, match=r"models\[1\] \(tags\): unknown option 'top'"):
+        classify(photos, models=[entries[0], {"name": "tags", "top": 1}])
+
+    _records.clear()
+    with TestPipeline() as p:
+        _ = (
+            p
+            | beam.Create([{"id": i, "uri": u} for i, u in enumerate(photos)])
+            | LabelImages(models=entries, device="cpu")
+            | beam.Map(_keep)
+        )
+    by_id = {r["id"]: r for r in _records}
+    _records.clear()
+    for i, result in enumerate(both):
+        record = by_id[i]
+        assert record["status"] == "ok"
+        assert record["cls_labels"] == [x["label"] for x in result["cls"]]
+        np.testing.assert_allclose(
+            record["tags_scores"], [x["score"] for x in result["tags"]], atol=1e-6
+        )
+
+
+@pytest.mark.slow
+def test_resume_continues_a_several_model_run(
+    tmp_path: Path, photo_dir: Path, tiny_vit: Path, tiny_clip: Path
+) -> None:
+    """An interrupted run (its first part committed, then killed) resumes with
+    the same model list; a different list is refused."""
+    from tests.conftest import kill_when_committed, start_cli
+
+    photos = sorted(photo_dir.glob("*.jpg")) * 100
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("\n".join(str(p) for p in photos) + "\n")
+    entries = [
+        {"name": "cls", "model": str(tiny_vit)},
+        {"name": "tags", "model": str(tiny_clip), "candidate_labels": LABELS},
+    ]
+    config = _write_config(tmp_path / "job.yaml", manifest, entries)
+    out = tmp_path / "out"
+    args = ["--config", str(config), "--output", str(out), "--commit-every", "10"]
+    kill_when_committed(out, 1, start_cli([*args, "--batch-size", "2"]))
+    other = _write_config(tmp_path / "other.yaml", manifest, entries[:1])
+    assert run_job(["--config", str(other), "--output", str(out), "--resume"]) == 2
+    assert run_job([*args, "--resume"]) == 0
+    table = read_output(out)
+    keys = list(zip(table["source_file"].to_pylist(), table["source_row"].to_pylist(), strict=True))
+    assert sorted(k[1] for k in keys) == list(range(len(photos)))  # each row exactly once
+    summary = json.loads((out / "__label_images__" / "summary.json").read_text())
+    assert summary["rows_resumed"] > 0
+    assert summary["models"]["cls"]["images_by_status"]["ok"] == len(photos)
+    assert summary["models"]["tags"]["images_by_status"]["ok"] == len(photos)
