@@ -47,6 +47,7 @@ from pipelines.output import (
 from pipelines.preflight import check_output_overlap, preflight
 from pipelines.progress import ProgressPrinter, ReportProgress
 from pipelines.report import build_report
+from pipelines.report import main as report_main
 from pipelines.resume import (
     SKIPPED_TAG,
     PreviousOutput,
@@ -58,7 +59,7 @@ from pipelines.resume import (
     count_skipped,
     run_identity,
 )
-from pipelines.runner import in_process, is_local, make_runner
+from pipelines.runner import in_process, is_local, make_runner, write_dry_run_job
 from pipelines.summary import SummarizeRecords, WriteSummary
 from transforms.allocator import tune_malloc
 from transforms.errors import redact, redact_uri
@@ -320,31 +321,6 @@ def build(
     return records
 
 
-def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
-    """On a Dataflow dry run, write the translated job to --dataflow_job_file.
-
-    Beam's DataflowRunner returns before it writes that file on a dry run; we
-    write the job description and the portable pipeline it would submit, so a
-    dry run can be inspected (and tested) offline.
-    """
-    from apache_beam.options.pipeline_options import DebugOptions
-    from google.protobuf import json_format
-
-    path = options.view_as(DebugOptions).dataflow_job_file
-    job = getattr(result, "job", None)
-    if not path or job is None:
-        return
-    payload = {
-        "job": json.loads(json_format.MessageToJson(job.proto._pb)),
-        "pipeline": json_format.MessageToDict(job.proto_pipeline),
-    }
-    import fsspec
-
-    with fsspec.open(path, "w") as f:
-        f.write(json.dumps(payload, indent=1))
-    logger.info("Dry run: wrote the translated job to %s", path)
-
-
 def _print_summary(summary: dict[str, Any]) -> None:
     statuses = ", ".join(f"{k} {v}" for k, v in summary["rows_by_status"].items() if v)
     print(
@@ -502,28 +478,6 @@ def run(
         print(json.dumps({"label_images_dry_run": True}))
         return EXIT_OK
     return finish(config)
-
-
-def report_main(argv: Sequence[str]) -> int:
-    """`label-images report OUTPUT_DIR`: rebuild report.html of an existing output."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="label-images report",
-        description="Rebuild report.html from an existing output directory (local or gs://).",
-    )
-    parser.add_argument("output", metavar="OUTPUT_DIR")
-    args = parser.parse_args(list(argv))
-    logs.setup()
-    try:
-        print(build_report(args.output))
-    except FileNotFoundError:
-        print(
-            f"label-images: error: {args.output} has no summary.json (no finished run)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_CONFIG
-    return EXIT_OK
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import io
 import logging
 import posixpath
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,4 +386,30 @@ def build_report(directory: str) -> str:
     return _join(directory, REPORT_FILE) if has_scheme(directory) else path
 
 
-__all__ = ["REPORT_FILE", "SUMMARY_FILE", "build_report", "render"]
+__all__ = ["REPORT_FILE", "SUMMARY_FILE", "build_report", "main", "render"]
+
+
+def main(argv: Sequence[str]) -> int:
+    """`label-images report OUTPUT_DIR`: rebuild report.html of an existing output;
+    exit 0, or 2 when the directory holds no finished run."""
+    import argparse
+    import sys
+
+    from pipelines import logs
+
+    parser = argparse.ArgumentParser(
+        prog="label-images report",
+        description="Rebuild report.html from an existing output directory (local or gs://).",
+    )
+    parser.add_argument("output", metavar="OUTPUT_DIR")
+    args = parser.parse_args(list(argv))
+    logs.setup()
+    try:
+        print(build_report(args.output))
+    except FileNotFoundError:
+        print(
+            f"label-images: error: {args.output} has no summary.json (no finished run)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0

@@ -6,13 +6,20 @@ falls back. With no `--runner`, or `--runner DirectRunner`, we build the same
 FnApiRunner the DirectRunner would fall back to, so local runs never touch the
 network. `--direct_num_workers` and `--direct_running_mode` work as usual;
 when neither is given, local runs use two worker threads (see
-`apply_local_defaults`).
+`apply_local_defaults`). A Dataflow dry run's translated job is written out
+by `write_dry_run_job`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from typing import Any
+
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineRunner
+
+logger = logging.getLogger(__name__)
 
 LOCAL_RUNNERS = {None, "", "directrunner", "direct", "fnapirunner"}
 
@@ -68,3 +75,28 @@ def make_runner(options: PipelineOptions) -> PipelineRunner | None:
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
     )
     return fn_runner.FnApiRunner(provision_info=provision_info)
+
+
+def write_dry_run_job(result: Any, options: PipelineOptions) -> None:
+    """On a Dataflow dry run, write the translated job to --dataflow_job_file.
+
+    Beam's DataflowRunner returns before it writes that file on a dry run; we
+    write the job description and the portable pipeline it would submit, so a
+    dry run can be inspected (and tested) offline.
+    """
+    from apache_beam.options.pipeline_options import DebugOptions
+    from google.protobuf import json_format
+
+    path = options.view_as(DebugOptions).dataflow_job_file
+    job = getattr(result, "job", None)
+    if not path or job is None:
+        return
+    payload = {
+        "job": json.loads(json_format.MessageToJson(job.proto._pb)),
+        "pipeline": json_format.MessageToDict(job.proto_pipeline),
+    }
+    import fsspec
+
+    with fsspec.open(path, "w") as f:
+        f.write(json.dumps(payload, indent=1))
+    logger.info("Dry run: wrote the translated job to %s", path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import apache_beam as beam
 import numpy as np
@@ -450,7 +450,7 @@ def test_label_studio_export_takes_a_model_name(
         assert len(tasks) == len(manifest.read_text().split()) - 2
         rows = _by_source(read_output(out))
         for task in tasks:
-            assert interface.validate_task({"data": task["data"]})
+            assert interface.validate_task(cast(Any, {"data": task["data"]}))
             (prediction,) = task["predictions"]
             assert interface.validate_prediction(prediction, return_errors=True) == []
             row = rows[(task["data"]["source_file"], task["data"]["source_row"])]
@@ -510,7 +510,7 @@ def test_resume_continues_a_several_model_run(
     photos = sorted(photo_dir.glob("*.jpg")) * 100
     manifest = tmp_path / "m.txt"
     manifest.write_text("\n".join(str(p) for p in photos) + "\n")
-    entries = [
+    entries: list[dict[str, Any]] = [
         {"name": "cls", "model": str(tiny_vit)},
         {"name": "tags", "model": str(tiny_clip), "candidate_labels": LABELS},
     ]
@@ -528,3 +528,15 @@ def test_resume_continues_a_several_model_run(
     assert summary["rows_resumed"] > 0
     assert summary["models"]["cls"]["images_by_status"]["ok"] == len(photos)
     assert summary["models"]["tags"]["images_by_status"]["ok"] == len(photos)
+
+
+def test_the_readme_model_list_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Several models in one pass", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "job.yaml").write_text(block)
+    config, _ = load_config(["--config", str(tmp_path / "job.yaml")])
+    cls, tags = config.model_specs
+    assert (cls.name, cls.spec.model, cls.spec.top_k) == ("cls", "default", 5)
+    assert (tags.name, tags.spec.threshold, tags.spec.top_k) == ("tags", 0.3, 0)
+    assert tags.spec.embeddings and tags.spec.candidate_labels_file == "gs://bucket/tags.txt"
