@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import (
 from pipelines.config import JobConfig
 from pipelines.runner import is_local
 from transforms.options import ConfigError
+from transforms.spec import LabelingSpec
 from transforms.uri import has_scheme, is_remote, scheme_of, strip_file_scheme
 
 logger = logging.getLogger(__name__)
@@ -32,19 +33,37 @@ METADATA_PING_TIMEOUT_S = 1.0
 
 
 def launcher_paths(config: JobConfig) -> Iterator[tuple[str, str]]:
-    """(flag, path) of every path the launcher or the workers open as a whole."""
-    spec = config.labeling
+    """(flag, path) of every path the launcher or the workers open as a whole
+    (each model's, for several: named `models[i] (name): --model`)."""
     for name, value in (
         ("--input", config.input),
         ("--output", config.output),
         ("--skip-existing", config.skip_existing),
-        ("--candidate-labels-file", spec.candidate_labels_file),
-        ("--config", config.config),
     ):
         if value:
             yield name, value
-    if not spec.model_spec.is_default and has_scheme(spec.model):
-        yield "--model", spec.model
+    models = list(_models(config))
+    for where, spec in models:
+        if spec.candidate_labels_file:
+            yield f"{where}--candidate-labels-file", spec.candidate_labels_file
+    if config.config:
+        yield "--config", config.config
+    for where, spec in models:
+        if not spec.model_spec.is_default and has_scheme(spec.model):
+            yield f"{where}--model", spec.model
+
+
+def _models(config: JobConfig) -> Iterator[tuple[str, LabelingSpec]]:
+    """(how a message names it, spec) of each model of the pass."""
+    for i, model in enumerate(config.model_specs):
+        yield ("" if model.name is None else f"models[{i}] ({model.name}): "), model.spec
+
+
+def _local_model_dirs(config: JobConfig) -> Iterator[tuple[str, str]]:
+    """(how a message names it, path) of each model that is a local directory."""
+    for where, spec in _models(config):
+        if not spec.model_spec.is_default and os.path.isdir(spec.model):
+            yield where, spec.model
 
 
 def check_runner(options: PipelineOptions) -> None:
@@ -89,11 +108,10 @@ def check_remote_paths(config: JobConfig) -> None:
                 f"{name} {path} is a local path, which Dataflow workers cannot see; use a "
                 "gs:// path"
             )
-    model = config.labeling.model
-    if not config.labeling.model_spec.is_default and os.path.isdir(model):
+    for where, model in _local_model_dirs(config):
         raise ConfigError(
-            f"--model {model} is a local directory, which Dataflow workers cannot see; copy "
-            "it to gs:// (gsutil -m cp -r) or use a hub id"
+            f"{where}--model {model} is a local directory, which Dataflow workers cannot see; "
+            "copy it to gs:// (gsutil -m cp -r) or use a hub id"
         )
 
 
@@ -187,7 +205,6 @@ def check_output_overlap(config: JobConfig, input_files: Iterable[str]) -> None:
             f"--output {config.output} lies in --skip-existing {config.skip_existing}; write "
             "the new rows to a directory of their own"
         )
-    model = config.labeling.model
-    model_is_dir = not config.labeling.model_spec.is_default and os.path.isdir(model)
-    if model_is_dir and _inside(normalized(model), output):
-        raise ConfigError(f"--model {model} lies in --output {config.output}")
+    for where, model in _local_model_dirs(config):
+        if _inside(normalized(model), output):
+            raise ConfigError(f"{where}--model {model} lies in --output {config.output}")

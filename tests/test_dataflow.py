@@ -21,8 +21,17 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize(
+    "models",
+    [[], ["--models", "name=cls", "--models", "name=short top_k=1"]],
+    ids=["one model", "two models"],
+)
 def test_dataflow_dry_run_translates_the_job(
-    gcs_emulator: str, tiny_vit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    models: list[str],
+    gcs_emulator: str,
+    tiny_vit: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root = f"gs://{gcs_emulator}/dry-{uuid.uuid4().hex[:8]}"
     with fsspec.open(f"{root}/manifest.txt", "wt") as f:
@@ -58,6 +67,7 @@ def test_dataflow_dry_run_translates_the_job(
             "--no_auth",
             "--dataflow_job_file",
             str(job_file),
+            *models,
         ],
         save_main_session=False,
     )
@@ -75,6 +85,8 @@ def test_dataflow_dry_run_translates_the_job(
         "WriteSummary",
     ):
         assert step in names, f"step {step} is missing from the translated job"
+    if models:  # one decode, then each model's own RunInference
+        assert "RunInference[cls]" in names and "RunInference[short]" in names
     # A dry run writes nothing to the output directory.
     fs, path = fsspec.core.url_to_fs(f"{root}/out")
     assert not fs.exists(path) or not fs.ls(path)
@@ -102,6 +114,10 @@ DATAFLOW = [
         (
             ["--input", "gs://b/m.txt", "--output", "gs://b/o", "--model", str(REPO)],
             "is a local directory",
+        ),
+        (
+            ["--input", "gs://b/m.txt", "--output", "gs://b/o", "--models", f"name=a model={REPO}"],
+            "models[0] (a): --model",
         ),
     ],
 )
