@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import apache_beam as beam
 import numpy as np
@@ -57,20 +57,40 @@ def _write_config(path: Path, manifest: Path, entries: list[dict[str, Any]]) -> 
     return path
 
 
+class OnePass(NamedTuple):
+    config: Path
+    out: Path
+    entries: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def one_pass(
+    tmp_path_factory: pytest.TempPathFactory,
+    manifest: Path,
+    tiny_vit: Path,
+    tiny_clip: Path,
+    tiny_siglip: Path,
+) -> OnePass:
+    """One three-model pass over the manifest: its config, output and entries."""
+    root = tmp_path_factory.mktemp("one-pass")
+    entries = _entries(tiny_vit, tiny_clip, tiny_siglip)
+    config = _write_config(root / "job.yaml", manifest, entries)
+    assert run_job(["--config", str(config), "--output", str(root / "out")]) == 0
+    return OnePass(config, root / "out", entries)
+
+
 def _by_source(table: Any) -> dict[tuple[str, int], dict[str, Any]]:
     return {(r["source_file"], r["source_row"]): r for r in table.to_pylist()}
 
 
 @pytest.mark.slow
 def test_each_models_columns_equal_its_own_run_and_transformers_pipeline(
-    tmp_path: Path, manifest: Path, tiny_vit: Path, tiny_clip: Path, tiny_siglip: Path
+    tmp_path: Path, manifest: Path, one_pass: OnePass
 ) -> None:
     from transformers import pipeline
 
-    entries = _entries(tiny_vit, tiny_clip, tiny_siglip)
-    config = _write_config(tmp_path / "job.yaml", manifest, entries)
-    assert run_job(["--config", str(config), "--output", str(tmp_path / "one-pass")]) == 0
-    several = _by_source(read_output(tmp_path / "one-pass"))
+    entries = one_pass.entries
+    several = _by_source(read_output(one_pass.out))
     assert len(several) == len(manifest.read_text().split())
 
     for entry in entries:
@@ -108,9 +128,10 @@ def test_each_models_columns_equal_its_own_run_and_transformers_pipeline(
     ok = [r for r in several.values() if r["status"] == "ok"]
     assert len(ok) == len(several) - 2  # the missing file and the one that is no image
     paths = [r["uri"] for r in ok]
-    cls = pipeline("image-classification", model=str(tiny_vit), device="cpu")(paths, top_k=3)
-    clip = pipeline("zero-shot-image-classification", model=str(tiny_clip), device="cpu")
-    sig = pipeline("zero-shot-image-classification", model=str(tiny_siglip), device="cpu")
+    vit, clip_dir, siglip = (e["model"] for e in entries)
+    cls = pipeline("image-classification", model=vit, device="cpu")(paths, top_k=3)
+    clip = pipeline("zero-shot-image-classification", model=clip_dir, device="cpu")
+    sig = pipeline("zero-shot-image-classification", model=siglip, device="cpu")
     for row, seed in zip(ok, cls, strict=True):
         assert row["cls_labels"] == [s["label"] for s in seed]
         np.testing.assert_allclose(row["cls_scores"], [s["score"] for s in seed], atol=1e-4)
@@ -125,16 +146,12 @@ def test_each_models_columns_equal_its_own_run_and_transformers_pipeline(
 
 @pytest.mark.slow
 def test_one_pass_output_reads_everywhere_and_reports_per_model(
-    tmp_path: Path, manifest: Path, tiny_vit: Path, tiny_clip: Path, tiny_siglip: Path
+    tmp_path: Path, manifest: Path, one_pass: OnePass
 ) -> None:
     import duckdb
     import pandas as pd
 
-    config = _write_config(
-        tmp_path / "job.yaml", manifest, _entries(tiny_vit, tiny_clip, tiny_siglip)
-    )
-    out = tmp_path / "out"
-    assert run_job(["--config", str(config), "--output", str(out)]) == 0
+    config, out, entries = one_pass
     table = read_output(out)
     names = table.schema.names
     assert names[:3] == ["uri", "source_file", "source_row"]
@@ -176,7 +193,7 @@ def test_one_pass_output_reads_everywhere_and_reports_per_model(
     assert summary["rows_skipped"] == len(frame) - 2 and summary["rows_out"] == 2
 
     # A different model list reuses nothing.
-    other = _entries(tiny_vit, tiny_clip, tiny_siglip)[:2]
+    other = entries[:2]
     config2 = _write_config(tmp_path / "job2.yaml", manifest, other)
     third = tmp_path / "third"
     assert (
@@ -422,17 +439,14 @@ def test_the_cli_exits_2_with_one_line_for_a_bad_entry(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_label_studio_export_takes_a_model_name(
-    tmp_path: Path, manifest: Path, tiny_vit: Path, tiny_clip: Path, tiny_siglip: Path
+    tmp_path: Path, manifest: Path, one_pass: OnePass
 ) -> None:
     from label_studio_sdk.label_interface import LabelInterface
 
     from pipelines import export
 
-    config = _write_config(
-        tmp_path / "job.yaml", manifest, _entries(tiny_vit, tiny_clip, tiny_siglip)
-    )
-    out = tmp_path / "out"
-    assert run_job(["--config", str(config), "--output", str(out)]) == 0
+    out = one_pass.out
+    vit, _, siglip = (e["model"] for e in one_pass.entries)
     root = str(manifest.anchor)
     assert export.main(["label-studio", str(out), "--to", str(tmp_path / "x")]) == 2
     for model, labels, choice in (
@@ -458,7 +472,7 @@ def test_label_studio_export_takes_a_model_name(
             assert chosen == (
                 row[f"{model}_labels"] if choice == "multiple" else [row["cls_label"]]
             )
-            assert prediction["model_version"] == str(tiny_vit if model == "cls" else tiny_siglip)
+            assert prediction["model_version"] == (vit if model == "cls" else siglip)
 
 
 @pytest.mark.slow
