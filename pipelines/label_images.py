@@ -67,9 +67,9 @@ from transforms.images.sources import InputError, InputPlan, ReadImageRows, coun
 from transforms.label import LabelImageRows
 from transforms.model.label_set import LabelSetError
 from transforms.model.loading import ModelLoadError
-from transforms.models import NamedSpec
+from transforms.models import NamedSpec, model_columns
 from transforms.resolve import model_labels, models_metadata, resolve_models
-from transforms.rows import ModelColumns, RecordFormat
+from transforms.rows import RecordFormat
 from transforms.spec import LabelingSpec
 
 logs.release()
@@ -161,7 +161,7 @@ def plan_job(config: JobConfig, *, local: bool = True, keep_weights: bool = Fals
         inputs.passthrough_schema,
         prefix=config.output_prefix,
         embeddings=models[0].spec.embeddings and models[0].name is None,
-        models=[ModelColumns(m.name, m.spec.embeddings) for m in models if m.name is not None],
+        models=model_columns(models),
     )
     described = {
         **models_metadata(models),

@@ -21,12 +21,11 @@ from transforms.errors import ErrorCode, RowError
 from transforms.fetch_decode import load_image, preprocess
 from transforms.images.fetch import Fetcher
 from transforms.label import LabelImageRows, make_handler
-from transforms.model.loading import ModelLoadError
 from transforms.model.preprocess import ImagePreprocessor
-from transforms.models import MODELS_OPTION, NamedSpec, named_specs
-from transforms.options import ConfigError, check_keywords, parse_value
-from transforms.resolve import resolve, resolve_loaded
-from transforms.rows import ImageRow, ModelColumns, RecordFormat
+from transforms.models import MODELS_OPTION, NamedSpec, model_columns, named_specs
+from transforms.options import check_keywords, parse_value
+from transforms.resolve import resolve_loaded, resolve_models
+from transforms.rows import ImageRow, RecordFormat
 from transforms.spec import LabelingSpec
 
 
@@ -166,22 +165,13 @@ class LabelImages(beam.PTransform):
         **options: Any,
     ) -> None:
         super().__init__()
-        resolved = []
-        for model in _models("LabelImages", models, options):
-            try:
-                resolved.append(NamedSpec(model.name, resolve(model.spec, local=False)))
-            except (ConfigError, ModelLoadError) as e:
-                if model.name is None:
-                    raise
-                raise type(e)(f"model {model.name}: {e}") from None
-        self.models = tuple(resolved)
+        named = _models("LabelImages", models, options)
+        self.models = tuple(model for model, _ in resolve_models(named, local=False))
         self.spec = self.models[0].spec
         self._image_field = image_field
         self._uri_field = uri_field
         self._keep_image_field = keep_image_field
-        fmt = RecordFormat(
-            models=tuple(ModelColumns(str(m.name), m.spec.embeddings) for m in resolved if m.name)
-        )
+        fmt = RecordFormat(models=model_columns(self.models))
         self._rows = LabelImageRows.of_models(self.models, fmt)
 
     def preload(self) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transforms.options import ConfigError, OptionInfo, default_of, flag, option_fields
+from transforms.rows import ModelColumns
 from transforms.spec import LabelingSpec
 
 #: A model's name: the prefix of its output columns (`<name>_label` ...).
@@ -97,6 +98,11 @@ def model_entries(value: Any) -> tuple[dict[str, Any], ...]:
     if len(entries) > MAX_MODELS:
         raise ValueError(f"may hold at most {MAX_MODELS} models, not {len(entries)}")
     return tuple(entries)
+
+
+def model_columns(models: Sequence[NamedSpec]) -> tuple[ModelColumns, ...]:
+    """The output columns of a pass's models: none for a single unnamed one."""
+    return tuple(ModelColumns(m.name, m.spec.embeddings) for m in models if m.name is not None)
 
 
 def spec_values(spec: LabelingSpec) -> dict[str, Any]:
