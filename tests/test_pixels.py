@@ -62,6 +62,43 @@ def test_the_split_gives_the_processors_own_pixels(name: str, photos: list[Image
     assert sum(p.nbytes for p in pixels) == theirs.numel()  # a byte a value, not four
 
 
+@pytest.mark.parametrize("name", sorted(_processors()))
+def test_the_direct_resize_gives_the_processors_own_uint8_pixels(
+    name: str, photos: list[Image.Image]
+) -> None:
+    processor = _processors()[name]
+    split = checked_split(processor)
+    assert split is not None and split.direct  # torchvision-backed: resized without the call
+    rng = np.random.default_rng(1)
+    odd = [  # smaller than the crop (padded), a strip, a grey photo made RGB
+        Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (40, 900, 3), dtype=np.uint8)),
+        photos[0].convert("L").convert("RGB"),
+    ]
+    for image in [*photos, *odd]:
+        (ours,) = split.resize_crop([image])
+        theirs = processor(
+            images=[image], do_rescale=False, do_normalize=False, return_tensors="pt"
+        )["pixel_values"][0].numpy()
+        assert ours.flags.c_contiguous and ours.dtype == np.uint8
+        assert np.array_equal(ours, theirs), image.size
+
+
+def test_a_direct_resize_that_differs_is_not_used(photos: list[Image.Image]) -> None:
+    from transformers import ViTImageProcessor
+
+    class Flipped(ViTImageProcessor):  # its own call gives what its _preprocess does not
+        def preprocess(self, images: Any, **kwargs: Any) -> Any:
+            out = super().preprocess(images, **kwargs)
+            out["pixel_values"] = out["pixel_values"].flip(-1)
+            return out
+
+    split = checked_split(Flipped())
+    assert split is not None and not split.direct
+    theirs = Flipped()(images=photos, do_rescale=False, do_normalize=False, return_tensors="pt")
+    assert np.array_equal(np.stack(split.resize_crop(photos)), theirs["pixel_values"].numpy())
+
+
 def test_the_default_models_timm_processor_splits(photos: list[Image.Image]) -> None:
     pre = ImagePreprocessor(ModelSpec())
     pixels = pre(photos)

@@ -13,7 +13,13 @@ is used (logged once). Processors it cannot express keep the full output:
 
 - transformers' processors with `do_rescale` and `do_normalize` (ViT, ConvNext,
   CLIP, SigLIP, MobileNet ...): the first half is the processor itself with
-  both turned off, the second its own (fused) rescale-and-normalize;
+  both turned off, the second its own (fused) rescale-and-normalize. For the
+  torchvision-backed ones the first half calls the processor's own resize and
+  crop (`_preprocess`) on a channels-last view of the decoded pixels
+  (`_channels_last_resize_crop`): the same kernels, without the processor's
+  per-call validation and its HWC-to-CHW copy of the full-size image, half
+  the cost on a 500x375 photo; used only where it gives the processor's
+  output exactly, on the probes;
 - timm's (`TimmWrapperImageProcessor`, the default model): its transforms up
   to `ToTensor`, then `ToTensor`'s division and `Normalize`.
 """
@@ -21,7 +27,7 @@ is used (logged once). Processors it cannot express keep the full output:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +78,9 @@ class PixelSplit:
 
     resize_crop: Callable[[Sequence[Image.Image]], list[np.ndarray]]
     normalization: Normalization
+    #: Whether `resize_crop` calls the processor's resize and crop directly
+    #: (`_channels_last_resize_crop`) rather than the processor.
+    direct: bool = False
 
 
 def _timm_split(processor: Any) -> PixelSplit | None:
@@ -105,7 +114,7 @@ def _transformers_split(processor: Any) -> PixelSplit | None:
     if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)):
         return None
 
-    def resize_crop(images: Sequence[Image.Image]) -> list[np.ndarray]:
+    def through_processor(images: Sequence[Image.Image]) -> list[np.ndarray]:
         out = processor(
             images=list(images), do_rescale=False, do_normalize=False, return_tensors="pt"
         )["pixel_values"]
@@ -113,11 +122,100 @@ def _transformers_split(processor: Any) -> PixelSplit | None:
             raise ValueError(f"the processor's resize gave {out.dtype}, not uint8")
         return list(np.ascontiguousarray(out.numpy()))
 
+    direct = _channels_last_resize_crop(processor, through_processor)
+
     # As transformers fuses them: mean and std divided by the rescale factor.
     scale = float(processor.rescale_factor)
     mean = torch.tensor(processor.image_mean) * (1.0 / scale)
     std = torch.tensor(processor.image_std) * (1.0 / scale)
-    return PixelSplit(resize_crop, Normalization(None, tuple(mean.tolist()), tuple(std.tolist())))
+    normalization = Normalization(None, tuple(mean.tolist()), tuple(std.tolist()))
+    return PixelSplit(direct or through_processor, normalization, direct=direct is not None)
+
+
+#: What torch says, once per process, of a tensor made on a read-only array
+#: (a decoded image's pixels, which are only read).
+_READ_ONLY_WARNING = "The given NumPy array is not writable"
+
+
+def _channels_last_resize_crop(
+    processor: Any, through_processor: Callable[[Sequence[Image.Image]], list[np.ndarray]]
+) -> Callable[[Sequence[Image.Image]], list[np.ndarray]] | None:
+    """A torchvision-backed processor's resize and crop, called directly.
+
+    `processor(images)` validates its arguments on every call, copies each
+    decoded image from HWC to CHW (`.contiguous()`: the full-size image), and
+    only then calls its `_preprocess` (resize, center crop). Here the
+    arguments `_preprocess` receives are captured once, on a probe, and each
+    image goes straight to `_preprocess` as a CHW view of its HWC pixels, which
+    torch's uint8 resize kernels read as they are. On a 500x375 photo that
+    takes the resize and crop from ~0.7 to ~0.35 ms on one core.
+
+    Returns None, so the processor's own call is used, for processors of
+    another backend, or when the two differ on the probes by a single value.
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    if getattr(processor, "backend", None) != "torchvision" or not callable(
+        getattr(processor, "_preprocess", None)
+    ):
+        return None
+    preprocess = processor._preprocess
+    captured: dict[str, Any] = {}
+
+    def capture(images: Any, **kwargs: Any) -> Any:
+        captured.update(kwargs)
+        return preprocess(images, **kwargs)
+
+    spy = copy.copy(processor)  # the instance attribute shadows the method on the copy only
+    spy._preprocess = capture
+    probes = probe_images()
+    try:
+        spy(images=probes[:1], do_rescale=False, do_normalize=False, return_tensors="pt")
+    except Exception as e:
+        _once(logging.INFO, f"{type(processor).__name__}: no direct resize ({e!r})")
+        return None
+    if not captured:
+        return None
+    # One image per call: never stacked with others (grouping would copy it).
+    kwargs = {**captured, "return_tensors": None, "disable_grouping": True}
+
+    def resize_crop(images: Sequence[Image.Image]) -> list[np.ndarray]:
+        arrays: list[np.ndarray] = []
+        for image in images:
+            if image.mode != "RGB":
+                arrays += through_processor([image])
+                continue
+            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+            result = preprocess([pixels], **kwargs)
+            # A BatchFeature, or the list of images (MobileNetV2's `_preprocess`).
+            (out,) = result["pixel_values"] if isinstance(result, Mapping) else result
+            if out.dtype != torch.uint8:
+                raise ValueError(f"the processor's resize gave {out.dtype}, not uint8")
+            arrays.append(np.ascontiguousarray(out.numpy()))
+        return arrays
+
+    try:
+        with warnings.catch_warnings():  # torch warns once per process; the pixels are only read
+            warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning)
+            ours = resize_crop(probes)
+        theirs = through_processor(probes)
+        same = len(ours) == len(theirs) and all(
+            a.shape == b.shape and np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)
+        )
+    except Exception as e:
+        _once(logging.INFO, f"{type(processor).__name__}: no direct resize ({e!r})")
+        return None
+    if not same:
+        _once(
+            logging.INFO,
+            f"{type(processor).__name__}: its direct resize differs from its own; "
+            "the decode workers call the processor",
+        )
+        return None
+    return resize_crop
 
 
 def probe_images() -> list[Image.Image]:
