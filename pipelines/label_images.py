@@ -15,9 +15,10 @@ passed --max-error-rate.
 
 from __future__ import annotations
 
-from pipelines import logs
+from pipelines import heap, logs
 
 logs.hold()  # the imports below log through the root logger (see pipelines.logs)
+_collector_was_on = heap.pause()  # they make ~1M lasting objects (see pipelines.heap)
 
 import dataclasses
 import json
@@ -71,6 +72,8 @@ from transforms.models import NamedSpec, model_columns
 from transforms.resolve import model_labels, models_metadata, resolve_models
 from transforms.rows import RecordFormat
 from transforms.spec import LabelingSpec
+
+heap.resume(_collector_was_on)
 
 logs.release()
 
@@ -360,9 +363,11 @@ def _execute(
     started_at: float,
     local: bool,
     dry_run: bool,
+    freeze_heap: bool = False,
 ) -> None:
     """Build the graph on `pipeline` and run it to the end, with the progress
-    line on a local run. Raises what the run raised."""
+    line on a local run (with `freeze_heap`, start-up's objects frozen first:
+    `pipelines.heap`). Raises what the run raised."""
     show_progress = local and plan.config.progress
     with tempfile.TemporaryDirectory(prefix="label-images-progress-") as progress_dir:
         build(
@@ -373,6 +378,8 @@ def _execute(
             progress_dir=progress_dir if show_progress else None,
             preload=local and in_process(options),
         )
+        if freeze_heap:
+            heap.freeze()
         if show_progress:
             with ProgressPrinter(progress_dir, _progress_total(plan, output)) as printer:
                 pipeline.run().wait_until_finish()
@@ -416,6 +423,7 @@ def run(
     save_main_session: bool = True,
     test_pipeline: beam.Pipeline | None = None,
     started_at: float | None = None,
+    freeze_heap: bool = False,
 ) -> int:
     """Parse flags, run the job and return its exit code: plan, prepare, build
     and run, finish.
@@ -427,6 +435,8 @@ def run(
         started_at: when the job started, for summary.json's timing (default:
             this call). Entry points pass `process_started_at()`, so a CLI run
             counts its interpreter's start-up as well.
+        freeze_heap: freeze what start-up made just before the pipeline runs
+            (`pipelines.heap`); entry points that own their process pass True.
     """
     called_at = time.time()
     logs.setup()  # quiet until the flags say otherwise
@@ -465,6 +475,7 @@ def run(
             started_at=called_at if started_at is None else started_at,
             local=local,
             dry_run=dry_run,
+            freeze_heap=freeze_heap,
         )
     except Exception as e:
         logger.exception("The labeling job failed")
@@ -488,7 +499,10 @@ def main() -> None:
         from pipelines import export
 
         sys.exit(export.main(argv[1:]))
-    sys.exit(run(argv, started_at=process_started_at()))
+    heap.pause()  # until the pipeline runs (see pipelines.heap)
+    code = run(argv, started_at=process_started_at(), freeze_heap=True)
+    heap.freeze()  # the interpreter's last collection skips it all
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -479,3 +479,51 @@ def test_malloc_thresholds_apply_once_unless_the_environment_chose() -> None:
         check=True,
     ).stdout.split()
     assert out == ["False", "False"]
+
+
+# ---- the collector around a CLI run (pipelines.heap) ----------------------------
+
+
+@pytest.mark.parametrize("before", ["on", "off"])
+def test_importing_the_job_keeps_the_callers_collector_setting(before: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        f"{'gc.enable()' if before == 'on' else 'gc.disable()'}\n"
+        "import pipelines.label_images\n"
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Paused only while the module imported; nothing frozen for a library caller.
+    assert out.stdout.split() == [str(before == "on"), "0"]
+
+
+def test_freeze_leaves_what_exists_to_reference_counting_and_collects_the_rest() -> None:
+    import gc
+    import weakref
+
+    from pipelines import heap
+
+    class Node:
+        other: Any = None
+
+    def cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    was_on = heap.pause()
+    try:
+        frozen = cycle()  # garbage already, but frozen with everything else
+        heap.freeze()
+        assert gc.isenabled()
+        later = cycle()  # made after the freeze: collected as usual
+        gc.collect()
+        assert later() is None and frozen() is not None
+    finally:
+        gc.unfreeze()
+        gc.collect()
+        heap.resume(was_on)
+    assert frozen() is None
