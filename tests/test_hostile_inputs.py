@@ -8,6 +8,7 @@ the job.
 from __future__ import annotations
 
 import codecs
+import concurrent.futures
 import csv
 import gzip
 import io
@@ -403,19 +404,88 @@ def test_unreadable_and_oversized_local_files(
     assert info.value.code is ErrorCode.PERMISSION_DENIED
 
 
-def test_a_stuck_local_read_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transforms.images import fetch
+def test_a_stuck_read_on_a_network_mount_is_cut_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transforms.images import fetch, local
 
     def stuck(path: str, limit: int) -> bytes:
         time.sleep(3)
         return b""
 
+    monkeypatch.setattr(local, "read_mount_table", lambda path: [("/", "nfs4")])
     monkeypatch.setattr(fetch, "read_local_file", stuck)
     start = time.monotonic()
     with pytest.raises(RowError) as info:
         fetch_bytes("/some/file.jpg", default_fetch(timeout_s=0.3, retries=0))
     assert info.value.code is ErrorCode.TIMEOUT
     assert time.monotonic() - start < 1.5
+
+
+def test_a_directory_that_hangs_while_resolved_is_cut_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transforms.images import local
+
+    def hung(path: str, mounts: Any) -> str:
+        time.sleep(3)  # realpath on a hung mount
+        return "ext4"
+
+    monkeypatch.setattr(local, "filesystem_of", hung)
+    start = time.monotonic()
+    with pytest.raises(RowError) as info:
+        fetch_bytes("/mnt/hung/file.jpg", default_fetch(timeout_s=0.3, retries=0))
+    assert info.value.code is ErrorCode.TIMEOUT
+    assert time.monotonic() - start < 1.5
+
+
+def test_files_on_local_disks_are_read_in_the_calling_thread(tmp_path: Path) -> None:
+    from transforms.images.fetch import Fetcher
+
+    class Counting(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    photos = [tmp_path / f"{n}.jpg" for n in range(5)]
+    for n, photo in enumerate(photos):
+        photo.write_bytes(b"\xff\xd8 not really a jpeg %d" % n)
+    fetcher = Fetcher(default_fetch())
+    fetcher._readers = Counting(max_workers=2)
+    try:
+        assert [fetcher.fetch(str(p)) for p in photos] == [p.read_bytes() for p in photos]
+        assert Counting.submitted == 1  # the directory's classification; no read
+        # A symlink may point onto a network mount: read under the deadline.
+        (tmp_path / "link.jpg").symlink_to(photos[0])
+        assert fetcher.fetch(str(tmp_path / "link.jpg")) == photos[0].read_bytes()
+        assert Counting.submitted == 2
+    finally:
+        fetcher.close()
+
+
+def test_the_mount_table_names_each_directorys_filesystem(tmp_path: Path) -> None:
+    from transforms.images.local import LocalFilesystems, filesystem_of, read_mount_table
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "30 22 0:40 / /mnt rw shared:9 - tmpfs tmpfs rw\n"
+        "31 30 0:41 / /mnt/photos rw - nfs4 server:/photos rw\n"
+        "32 30 0:42 / /mnt/my\\040bucket rw - fuse.gcsfuse bucket rw\n"
+    )
+    mounts = read_mount_table(str(table))
+    assert filesystem_of("/mnt/photos/2024/a.jpg", mounts) == "nfs4"
+    assert filesystem_of("/mnt/photosphere", mounts) == "tmpfs"  # a prefix, not a parent
+    assert filesystem_of("/mnt/my bucket/x", mounts) == "fuse.gcsfuse"
+    assert filesystem_of("/home/me", mounts) == "ext4"
+    filesystems = LocalFilesystems(str(table))
+    assert filesystems.classify("/home/me") and filesystems.known("/home/me")
+    assert not filesystems.classify("/mnt/photos/2024")
+    assert not filesystems.classify("/mnt/my bucket")
+    # No mount table (another OS): every read keeps its deadline.
+    assert not LocalFilesystems(str(tmp_path / "missing")).classify("/home/me")
 
 
 # ---- pixel limit ----------------------------------------------------------------------

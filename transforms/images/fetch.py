@@ -4,7 +4,9 @@ http(s) goes through one aiohttp session per worker, on an event loop in a
 background thread, with a global and a per-host concurrency cap. gs:// (gcsfs)
 and s3:// (s3fs) go through fsspec's async filesystems, one ranged read per
 attempt under a deadline. Local paths are checked with `stat` first, so a FIFO,
-a device or a directory is an error row at once instead of a blocking read.
+a device or a directory is an error row at once instead of a blocking read;
+files on local disks are read in the calling thread, those on network or FUSE
+mounts on a reader thread under the deadline (`LocalFilesystems`).
 `--fetch-timeout` is a total deadline per attempt for every scheme.
 
 Only transient failures are retried (HTTP 408/425/429/5xx, timeouts, connection
@@ -20,6 +22,7 @@ import email.utils
 import errno
 import itertools
 import logging
+import os
 import random
 import socket
 import threading
@@ -33,7 +36,7 @@ import fsspec
 
 from transforms.errors import ErrorCode, RowError, redact_uri
 from transforms.images.guard import check_host, guarded_resolver
-from transforms.images.local import read_local_file
+from transforms.images.local import LocalFilesystems, read_local_file
 from transforms.uri import scheme_of, strip_file_scheme
 
 logger = logging.getLogger(__name__)
@@ -236,6 +239,7 @@ class Fetcher:
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._sync_slots = threading.BoundedSemaphore(self.options.concurrency)
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._filesystems = LocalFilesystems()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -326,7 +330,10 @@ class Fetcher:
         timeout = self.options.timeout_s
         if scheme_of(uri) == "file":
             path = strip_file_scheme(uri)
-            data = self._with_deadline(lambda: read_local_file(path, limit), timeout)
+            if self._on_local_disk(path, timeout):
+                data = read_local_file(path, limit)  # finishes: no thread, no deadline
+            else:
+                data = self._with_deadline(lambda: read_local_file(path, limit), timeout)
         else:
             from fsspec.asyn import AsyncFileSystem, sync
 
@@ -351,7 +358,17 @@ class Fetcher:
             )
         return data
 
-    def _with_deadline(self, read: Callable[[], bytes], timeout: float) -> bytes:
+    def _on_local_disk(self, path: str, timeout: float) -> bool:
+        """Whether `path` can be read in this thread: a file (not a symlink) in a
+        directory on a local filesystem. A directory is classified once, under
+        the deadline (resolving it may touch a hung mount)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        local = self._filesystems.known(directory)
+        if local is None:
+            local = self._with_deadline(lambda: self._filesystems.classify(directory), timeout)
+        return local and self._filesystems.reads_directly(path)
+
+    def _with_deadline(self, read: Callable[[], T], timeout: float) -> T:
         """`read()` on a reader thread, given up after `timeout` seconds.
 
         A read stuck in the kernel (a hung network mount) cannot be
