@@ -484,7 +484,7 @@ def test_malloc_thresholds_apply_once_unless_the_environment_chose() -> None:
 # ---- the collector around a CLI run (pipelines.heap) ----------------------------
 
 
-@pytest.mark.parametrize("before", ["on", "off"])
+@pytest.mark.parametrize("before", ["on", pytest.param("off", marks=pytest.mark.slow)])
 def test_importing_the_job_keeps_the_callers_collector_setting(before: str) -> None:
     import subprocess
     import sys
@@ -527,3 +527,43 @@ def test_freeze_leaves_what_exists_to_reference_counting_and_collects_the_rest()
         gc.collect()
         heap.resume(was_on)
     assert frozen() is None
+
+
+# ---- decode threads: one pool per process ---------------------------------------
+
+
+def test_the_decode_instances_of_a_process_share_one_pool_of_decode_threads(tmp_path) -> None:
+    import dataclasses
+    import os
+
+    from transforms.fetch_decode import FetchDecodePreprocess
+    from transforms.spec import LabelingSpec
+
+    class Gray:  # a preprocessor: the decoded image's mean, as a 1x1x1 array
+        draft_side = 224
+
+        def setup(self) -> None: ...
+
+        def __call__(self, images: Any) -> list[np.ndarray]:
+            return [np.asarray(image, dtype=np.float32).mean().reshape(1, 1, 1) for image in images]
+
+    spec = LabelingSpec()
+    assert spec.decode.threads is None  # default: one per core this process may use
+    assert spec.decode.decode_threads == len(os.sched_getaffinity(0))
+    decode = dataclasses.replace(spec.decode, threads=3)
+    first, second = (FetchDecodePreprocess(Gray(), spec.fetch, decode) for _ in range(2))
+    first.setup()
+    second.setup()
+    try:
+        assert first._decode_pool is second._decode_pool
+        assert first._decode_pool._max_workers == 3
+        photo = tmp_path / "a.png"
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(photo)
+        from transforms.rows import ImageRow
+
+        row = ImageRow(index="m:0", uri=str(photo))
+        first.teardown()  # the other instance keeps the pool
+        assert second.load(row).item() == 20.0
+    finally:
+        second.teardown()
+    assert second._decode_pool._shutdown  # the last one out shuts it down

@@ -10,10 +10,12 @@ fails only the models that use it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 import apache_beam as beam
 import numpy as np
@@ -101,6 +103,47 @@ def _tried(preprocessor: Preprocessor, image: Image.Image) -> np.ndarray | RowEr
         return RowError(ErrorCode.DECODE_FAILED, f"{type(e).__name__}: {e}")
 
 
+class _DecodePools:
+    """One decode pool per process and size, shared by the DoFn instances in it.
+
+    An in-process runner (and a Dataflow worker) runs several bundle threads,
+    each with its own `FetchDecodePreprocess`; a pool each put `threads` decode
+    threads per bundle thread on the cores, contending for them and for the
+    GIL. Shared, `--decode-threads` means what it says: images decoded at once
+    per worker process. The last instance to tear down shuts the pool down.
+    """
+
+    _lock = threading.Lock()
+    _pools: ClassVar[dict[tuple[int, int], tuple[ThreadPoolExecutor, int]]] = {}
+
+    @classmethod
+    def acquire(cls, threads: int) -> ThreadPoolExecutor:
+        key = (os.getpid(), threads)  # a forked child starts its own
+        with cls._lock:
+            pool, users = cls._pools.get(key) or (None, 0)
+            if pool is None:
+                pool = ThreadPoolExecutor(
+                    max_workers=threads,
+                    thread_name_prefix="decode",
+                    initializer=single_threaded_torch_in_this_thread,
+                )
+            cls._pools[key] = (pool, users + 1)
+            return pool
+
+    @classmethod
+    def release(cls, pool: ThreadPoolExecutor) -> None:
+        with cls._lock:
+            key = next((k for k, (p, _) in cls._pools.items() if p is pool), None)
+            if key is None:
+                return
+            _, users = cls._pools[key]
+            if users > 1:
+                cls._pools[key] = (pool, users - 1)
+                return
+            del cls._pools[key]
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def single_threaded_torch_in_this_thread() -> None:
     """Make torch ops in the calling thread run on one OpenMP thread.
 
@@ -136,9 +179,10 @@ class FetchDecodePreprocess(beam.DoFn):
 
     Up to `fetch.concurrency` rows are in flight, so network latency overlaps:
     http(s) downloads wait on the fetcher's event loop, gs:// and s3:// on an
-    I/O thread pool, and `decode.threads` threads decode and preprocess
-    (Pillow releases the GIL while it decodes). Results are emitted as they
-    complete, in any order.
+    I/O thread pool, and `decode.decode_threads` threads per process (shared by the
+    instances of every bundle thread) decode and preprocess (Pillow releases
+    the GIL while it decodes). Results are emitted as they complete, in any
+    order.
 
     Example::
 
@@ -174,11 +218,7 @@ class FetchDecodePreprocess(beam.DoFn):
         # (http(s) on the fetcher's event loop, gs:// and s3:// on an I/O pool),
         # so dozens of downloads in flight never mean dozens of threads
         # allocating decode buffers (each thread grows its own malloc arena).
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self._decode.threads,
-            thread_name_prefix="decode",
-            initializer=single_threaded_torch_in_this_thread,
-        )
+        self._decode_pool = _DecodePools.acquire(self._decode.decode_threads)
         self._io_pool: ThreadPoolExecutor | None = None
         # Rows submitted and not yet emitted; finished ones wait in `_finished`
         # (their futures' callbacks put them there), so emitting one costs O(1)
@@ -187,7 +227,7 @@ class FetchDecodePreprocess(beam.DoFn):
         self._finished: queue.SimpleQueue[tuple[Future[Any], WindowedValue]] = queue.SimpleQueue()
 
     def teardown(self) -> None:
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        _DecodePools.release(self._decode_pool)
         if self._io_pool is not None:
             self._io_pool.shutdown(wait=True, cancel_futures=True)
         self._fetcher.close()

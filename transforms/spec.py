@@ -212,8 +212,12 @@ class LabelingSpec:
         switch=True,
         shared=True,
     )
-    decode_threads: int = option(
-        2, positive_int, "images decoded at once per worker process", "N", shared=True
+    decode_threads: int | None = option(
+        None,
+        positive_int,
+        "images decoded at once per worker process (default: one per core it may use)",
+        "N",
+        shared=True,
     )
     max_image_pixels: int = option(
         DEFAULT_MAX_PIXELS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -40,14 +41,25 @@ class DecodeOptions:
         fast: decode large JPEGs at reduced scale (see `decode_image`). Off by
             default: the pixels then differ from what `transformers.pipeline`
             decodes, and so can labels.
-        threads: images decoded and preprocessed at once per worker process.
+        threads: images decoded and preprocessed at once per worker process;
+            None for one per core the process may use (`decode_threads`).
         tune_malloc: apply `transforms.allocator.tune_malloc` in the worker.
     """
 
     max_pixels: int
     fast: bool
-    threads: int
+    threads: int | None
     tune_malloc: bool  # see transforms.allocator
+
+    @property
+    def decode_threads(self) -> int:
+        """`threads`, or the number of cores this process may run on."""
+        if self.threads:
+            return self.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            return os.cpu_count() or 1
 
 
 def decode_image(
