@@ -3,8 +3,10 @@
 With the forward pass on a GPU, what a worker can label is what its CPUs can
 fetch, decode, preprocess and move through the pipeline. This benchmark runs
 our job with a near-free model (a one-layer ViT with 32-px patches behind a
-real 224-px ConvNext processor: about 0.4 ms of CPU per image) on ImageNet-like
-photos and on the mixed corpus, and, in the same run, the limits it is held to:
+real 224-px ConvNext processor: about 0.4 ms of CPU per image) at the GPU
+default batch size (64, what `--device auto` runs on a GPU worker) on
+ImageNet-like photos and on the mixed corpus, and, in the same run, the limits
+it is held to:
 
 - the stage limit: decode plus the model's processor on all cores, no Beam;
 - the decode-only limit: decode on all cores.
@@ -68,9 +70,14 @@ def _timed(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def run_ours(model: str, manifest: str) -> dict[str, float]:
+    from transforms.model.batching import DEFAULT_GPU_BATCH_SIZE
+
     out = Path(tempfile.mkdtemp(prefix="bench-cpu-side-")) / "out"
     cmd = [sys.executable, "-m", "pipelines.label_images", "--input", manifest]
     cmd += ["--output", str(out), "--model", model, "--progress", "false", "--report", "false"]
+    # As on a GPU worker, where the near-free model stands for the GPU's forward
+    # pass: batches of the GPU default, not of the CPU one.
+    cmd += ["--batch-size", str(DEFAULT_GPU_BATCH_SIZE)]
     wall, cpu, _ = _timed(cmd)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     ok = summary["rows_by_status"]["ok"]
