@@ -549,7 +549,7 @@ def test_the_decode_instances_of_a_process_share_one_pool_of_decode_threads(tmp_
 
     spec = LabelingSpec()
     assert spec.decode.threads is None  # default: one per core this process may use
-    assert spec.decode.decode_threads == len(os.sched_getaffinity(0))
+    assert spec.decode.decode_threads == min(len(os.sched_getaffinity(0)), 8)
     decode = dataclasses.replace(spec.decode, threads=3)
     first, second = (FetchDecodePreprocess(Gray(), spec.fetch, decode) for _ in range(2))
     first.setup()
@@ -568,3 +568,20 @@ def test_the_decode_instances_of_a_process_share_one_pool_of_decode_threads(tmp_
     finally:
         second.teardown()
     assert second._decode_pool._shutdown  # the last one out shuts it down
+
+
+def test_the_default_decode_threads_follow_the_cores_up_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+    import os
+
+    from transforms.images.decode import MAX_DEFAULT_DECODE_THREADS
+    from transforms.spec import LabelingSpec
+
+    decode = LabelingSpec().decode
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)))
+    assert decode.decode_threads == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    assert decode.decode_threads == MAX_DEFAULT_DECODE_THREADS == 8
+    assert dataclasses.replace(decode, threads=12).decode_threads == 12  # given: as given

@@ -215,7 +215,7 @@ class LabelingSpec:
     decode_threads: int | None = option(
         None,
         positive_int,
-        "images decoded at once per worker process (default: one per core it may use)",
+        "images decoded at once per worker process (default: one per core it may use, at most 8)",
         "N",
         shared=True,
     )
