@@ -185,18 +185,15 @@ class RecordFormat:
     @property
     def fields(self) -> tuple[pa.Field, ...]:
         source = tuple(f.with_name(self.name(f.name)) for f in SOURCE_FIELDS if self.source)
+        if not self.models:  # one model: its labels, the row's status, the embedding last
+            own = LABEL_FIELDS + ((EMBEDDING_FIELD,) if self.embeddings else ())
+            return source + tuple(f.with_name(self.name(f.name)) for f in own)
         labels: list[pa.Field] = []
-        for model in self.model_names:
-            own = PREDICTION_FIELDS + (STATUS_FIELDS if model is not None else ())
-            own += (EMBEDDING_FIELD,) if self.model_embeddings(model) else ()
-            labels += [f.with_name(self.name(f.name, model)) for f in own]
-        if self.models:
-            labels += [f.with_name(self.name(f.name)) for f in STATUS_FIELDS]
-        else:  # one model: today's order, the embedding last
-            labels = labels[: len(PREDICTION_FIELDS)] + [
-                f.with_name(self.name(f.name)) for f in STATUS_FIELDS
-            ]
-            labels += [EMBEDDING_FIELD.with_name(self.name("embedding"))] if self.embeddings else []
+        for model in self.models:
+            own = PREDICTION_FIELDS + STATUS_FIELDS
+            own += (EMBEDDING_FIELD,) if model.embeddings else ()
+            labels += [f.with_name(self.name(f.name, model.name)) for f in own]
+        labels += [f.with_name(self.name(f.name)) for f in STATUS_FIELDS]
         return source + tuple(labels)
 
     @property
