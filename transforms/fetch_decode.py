@@ -76,24 +76,6 @@ def preprocess(preprocessor: Preprocessor, image: Image.Image) -> np.ndarray:
     return pixel_values
 
 
-def load_pixel_values(
-    row: ImageRow,
-    *,
-    fetcher: Fetcher,
-    preprocessor: Preprocessor,
-    decode: DecodeOptions,
-    draft_side: int | None,
-    data: bytes | None = None,
-) -> np.ndarray:
-    """One row's `pixel_values` for one preprocessor (`load_image`, `preprocess`).
-
-    Raises:
-        RowError: for any failure of this row.
-    """
-    image = load_image(row, fetcher=fetcher, decode=decode, draft_side=draft_side, data=data)
-    return preprocess(preprocessor, image)
-
-
 def _tried(preprocessor: Preprocessor, image: Image.Image) -> np.ndarray | RowError:
     try:
         return preprocess(preprocessor, image)

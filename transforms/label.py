@@ -36,7 +36,6 @@ from transforms.errors import RowError
 from transforms.fetch_decode import (
     FetchDecodePreprocess,
     Pixels,
-    load_pixel_values,
     single_threaded_torch_in_this_thread,
 )
 from transforms.images.decode import DecodeOptions
@@ -56,7 +55,6 @@ __all__ = [
     "LabelingOptions",
     "ModelStep",
     "PassRowErrors",
-    "load_pixel_values",
     "make_handler",
     "single_threaded_torch_in_this_thread",
 ]
