@@ -282,7 +282,7 @@ def build(
     read = _read(pipeline, plan, output)
     label = LabelImageRows.of_models(plan.models, fmt)
     if preload:
-        label.preload(plan.weights if plan.several else (plan.weights or [None])[0])
+        label.preload(plan.weights)
     records = read.rows | "LabelImages" >> label
     written = _write(plan, records, output)
     skipped = (

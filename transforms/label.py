@@ -312,17 +312,16 @@ class LabelImageRows(beam.PTransform):
         """The preprocessors that run, once each per image."""
         return list(self._distinct) if self._steps else [self._preprocessor]  # type: ignore[list-item]
 
-    def preload(self, weights: Any = None) -> None:
+    def preload(self, weights: Sequence[Any] | None = None) -> None:
         """Start loading the models and their processors in this process now,
         for an in-process run (they load while Beam plans and reads).
-        `weights`: the model `resolve_loaded` loaded to check it (a list, one
-        per step, for several), so it is not read again.
+        `weights`: the models `resolve_loaded` loaded to check them, one per
+        model (step), so none is read again.
 
         A runner with separate worker processes loads its own copies.
         """
         handlers = [s.handler for s in self._steps] or [self._handler]  # type: ignore[list-item]
-        kept = weights if self._steps else [weights]
-        for handler, kept_weights in zip(handlers, kept or [None] * len(handlers), strict=True):
+        for handler, kept_weights in zip(handlers, weights or [None] * len(handlers), strict=True):
             preload = getattr(handler, "preload", None)
             if preload is not None:
                 preload(kept_weights)
