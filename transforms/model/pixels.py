@@ -108,6 +108,15 @@ def _timm_split(processor: Any) -> PixelSplit | None:
     return PixelSplit(resize_crop, Normalization(255.0, mean, std))
 
 
+def _uint8(resized: Any) -> Any:
+    """The processor's resized pixels, which must still be uint8."""
+    import torch
+
+    if resized.dtype != torch.uint8:
+        raise ValueError(f"the processor's resize gave {resized.dtype}, not uint8")
+    return resized
+
+
 def _transformers_split(processor: Any) -> PixelSplit | None:
     import torch
 
@@ -118,9 +127,7 @@ def _transformers_split(processor: Any) -> PixelSplit | None:
         out = processor(
             images=list(images), do_rescale=False, do_normalize=False, return_tensors="pt"
         )["pixel_values"]
-        if out.dtype != torch.uint8:
-            raise ValueError(f"the processor's resize gave {out.dtype}, not uint8")
-        return list(np.ascontiguousarray(out.numpy()))
+        return list(np.ascontiguousarray(_uint8(out).numpy()))
 
     direct = _channels_last_resize_crop(processor, through_processor)
 
@@ -171,16 +178,9 @@ def _channels_last_resize_crop(
 
     spy = copy.copy(processor)  # the instance attribute shadows the method on the copy only
     spy._preprocess = capture
-    probes = probe_images()
-    try:
-        spy(images=probes[:1], do_rescale=False, do_normalize=False, return_tensors="pt")
-    except Exception as e:
-        _once(logging.INFO, f"{type(processor).__name__}: no direct resize ({e!r})")
-        return None
-    if not captured:
-        return None
-    # One image per call: never stacked with others (grouping would copy it).
-    kwargs = {**captured, "return_tensors": None, "disable_grouping": True}
+    # What `_preprocess` was given on a probe, one image per call: never
+    # stacked with others (grouping would copy it).
+    kwargs: dict[str, Any] = {}
 
     def resize_crop(images: Sequence[Image.Image]) -> list[np.ndarray]:
         arrays: list[np.ndarray] = []
@@ -192,12 +192,15 @@ def _channels_last_resize_crop(
             result = preprocess([pixels], **kwargs)
             # A BatchFeature, or the list of images (MobileNetV2's `_preprocess`).
             (out,) = result["pixel_values"] if isinstance(result, Mapping) else result
-            if out.dtype != torch.uint8:
-                raise ValueError(f"the processor's resize gave {out.dtype}, not uint8")
-            arrays.append(np.ascontiguousarray(out.numpy()))
+            arrays.append(np.ascontiguousarray(_uint8(out).numpy()))
         return arrays
 
+    probes = probe_images()
     try:
+        spy(images=probes[:1], do_rescale=False, do_normalize=False, return_tensors="pt")
+        if not captured:
+            return None
+        kwargs.update(captured, return_tensors=None, disable_grouping=True)
         with warnings.catch_warnings():  # torch warns once per process; the pixels are only read
             warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning)
             ours = resize_crop(probes)
