@@ -409,6 +409,53 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
         batch_to_device(pixels, "cpu", torch.float32, None)
 
 
+def test_cpu_batches_are_normalized_into_one_reused_float_batch_per_thread() -> None:
+    """A float32 batch above glibc's mmap threshold would be fresh pages every
+    forward pass: each thread reuses its own, and every batch's values are its own."""
+    import threading
+
+    import torch
+
+    from transforms.model.device import batch_to_device
+    from transforms.model.pixels import Normalization
+
+    normalization = Normalization(255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> list[np.ndarray]:
+        return [rng.integers(0, 256, (3, 16, 16), dtype=np.uint8) for _ in range(n)]
+
+    def expected(pixels: list[np.ndarray]) -> torch.Tensor:
+        values = torch.from_numpy(np.stack(pixels)).to(torch.float32).div(255.0)
+        mean = torch.tensor(normalization.mean).view(1, -1, 1, 1)
+        return (values - mean) / torch.tensor(normalization.std).view(1, -1, 1, 1)
+
+    first, second = batch(4), batch(4)
+    out = batch_to_device(first, "cpu", torch.float32, normalization)
+    assert torch.equal(out, expected(first))
+    address = out.data_ptr()
+    out = batch_to_device(second, "cpu", torch.float32, normalization)
+    assert out.data_ptr() == address  # the same memory, rewritten
+    assert torch.equal(out, expected(second))
+    tail = batch(3)  # a bundle's last, smaller batch gets its own shape
+    assert torch.equal(batch_to_device(tail, "cpu", torch.float32, normalization), expected(tail))
+    # A CNN's layout is applied to the uint8 stack; the values are the same.
+    out = batch_to_device(second, "cpu", torch.float32, normalization, torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected(second))
+    # Another thread (the other bundle thread) never writes into this one's batch.
+    mine = batch_to_device(first, "cpu", torch.float32, normalization)
+    theirs: list[int] = []
+    thread = threading.Thread(
+        target=lambda: theirs.append(
+            batch_to_device(second, "cpu", torch.float32, normalization).data_ptr()
+        )
+    )
+    thread.start()
+    thread.join()
+    assert theirs[0] != mine.data_ptr() and torch.equal(mine, expected(first))
+
+
 # -- local runner -----------------------------------------------------------------
 
 
@@ -568,6 +615,70 @@ def test_the_decode_instances_of_a_process_share_one_pool_of_decode_threads(tmp_
     finally:
         second.teardown()
     assert second._decode_pool._shutdown  # the last one out shuts it down
+
+
+@pytest.mark.parametrize("cap", [1, 5, 32])
+def test_a_bundle_thread_over_its_cap_waits_for_several_rows_not_for_each(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, cap: int
+) -> None:
+    """Every row comes out once; a bundle thread at its in-flight cap is woken
+    once per few finished rows (a quarter of the cap, up to WAKE_AFTER_ROWS)."""
+    import dataclasses
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    from transforms import fetch_decode
+    from transforms.fetch_decode import WAKE_AFTER_ROWS, FetchDecodePreprocess
+    from transforms.rows import ImageRow
+    from transforms.spec import LabelingSpec
+
+    class Gray:
+        draft_side = 224
+
+        def setup(self) -> None: ...
+
+        def __call__(self, images: Any) -> list[np.ndarray]:
+            return [np.asarray(image, dtype=np.float32).mean().reshape(1, 1, 1) for image in images]
+
+    rows = []
+    for i in range(60):
+        path = tmp_path / f"{i}.png"
+        Image.new("L", (8, 8), i).save(path)
+        rows.append(ImageRow(index=f"m:{i}", uri=str(path)))
+    rows.append(ImageRow(index="m:bad", uri=str(tmp_path / "missing.png")))
+    spec = LabelingSpec()
+    fetch = dataclasses.replace(spec.fetch, concurrency=cap)
+    decode = dataclasses.replace(spec.decode, threads=2)
+    waits: list[int] = []
+    wait_for = FetchDecodePreprocess._wait_for
+
+    def counted(self: FetchDecodePreprocess, wanted: int) -> None:
+        assert wanted <= self._in_flight  # never waits for rows that are not coming
+        waits.append(wanted)
+        wait_for(self, wanted)
+
+    monkeypatch.setattr(fetch_decode.FetchDecodePreprocess, "_wait_for", counted)
+    dofn = FetchDecodePreprocess(Gray(), fetch, decode)
+    dofn.setup()
+    try:
+        out = []
+        for row in rows:
+            out += list(dofn.process(row, MIN_TIMESTAMP, GlobalWindow()))
+            assert dofn._in_flight <= cap
+        while_processing = list(waits)
+        out += list(dofn.finish_bundle())
+    finally:
+        dofn.teardown()
+    results = {item.value[0].index: item.value[1] for item in out}
+    assert len(out) == len(rows) == len(results)
+    assert [results[f"m:{i}"].item() for i in range(60)] == [float(i) for i in range(60)]
+    assert isinstance(results["m:bad"], RowError)
+    per_wake = min(WAKE_AFTER_ROWS, max(1, cap // 4))
+    assert all(wanted == per_wake for wanted in while_processing)
+    assert all(wanted <= WAKE_AFTER_ROWS for wanted in waits)  # finish_bundle: the rest
+    # Woken per row, a cap of 32 would wait about 30 times here.
+    assert len(waits) <= len(rows) // per_wake + 2
 
 
 def test_the_default_decode_threads_follow_the_cores_up_to_a_cap(

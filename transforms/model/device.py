@@ -60,15 +60,23 @@ def check_device_support(device: str, precision: str, quantize: str) -> None:
 
 
 def batch_to_device(
-    batch: Sequence[np.ndarray], device: str, dtype: Any, normalization: Normalization | None
+    batch: Sequence[np.ndarray],
+    device: str,
+    dtype: Any,
+    normalization: Normalization | None,
+    memory_format: Any = None,
 ) -> Any:
-    """Stack a batch into one tensor of pixel values on `device`.
+    """Stack a batch into one tensor of pixel values on `device`, laid out in
+    `memory_format` when one is given (`torch.channels_last` for CNNs).
 
     uint8 pixels (`transforms.model.pixels`) are copied as they are, a quarter
     of the bytes, and rescaled and normalized there, the whole batch at once.
-    On CUDA the host tensor is pinned and copied with `non_blocking=True`, so
-    the copy overlaps the work already queued on the GPU; on CPU the stacked
-    array is used in place (`torch.from_numpy` shares its memory).
+    The layout is changed on the stacked pixels as they come, before anything
+    converts them to float: on uint8 a quarter of the bytes, and no float32
+    batch is made only to be copied into another layout. On CUDA the host
+    tensor is pinned and copied with `non_blocking=True`, so the copy overlaps
+    the work already queued on the GPU; on CPU the stacked array is used in
+    place (`torch.from_numpy` shares its memory).
 
     Raises:
         ValueError: uint8 pixels without a normalization to apply.
@@ -76,6 +84,8 @@ def batch_to_device(
     import torch
 
     tensor = torch.from_numpy(np.stack(batch))
+    if memory_format is not None:
+        tensor = tensor.contiguous(memory_format=memory_format)
     if device.startswith("cuda"):
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     if tensor.dtype == torch.uint8:

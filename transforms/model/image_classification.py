@@ -235,9 +235,9 @@ class ImageClassificationModelHandler(TorchHandlerBase[LoadedClassifier]):
         import torch
 
         with torch.inference_mode():
-            pixel_values = batch_to_device(batch, model.device, model.dtype, model.normalization)
-            if model.memory_format is not None:
-                pixel_values = pixel_values.contiguous(memory_format=model.memory_format)
+            pixel_values = batch_to_device(
+                batch, model.device, model.dtype, model.normalization, model.memory_format
+            )
             output = model.logits(pixel_values)
             if not model.embeddings:
                 return np.asarray(output.float().cpu().numpy())

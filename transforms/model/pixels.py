@@ -27,6 +27,7 @@ is used (logged once). Processors it cannot express keep the full output:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,26 @@ logger = logging.getLogger(__name__)
 TOLERANCE = 1e-6
 
 _told: set[str] = set()  # messages already logged in this process (logged once)
+
+#: Each thread's float32 batch on the CPU, reused by its next batch of the same
+#: shape and layout. A batch above glibc's largest mmap threshold (32 MiB: 56
+#: images at 224 px) is otherwise fresh pages each time, faulted in and zeroed
+#: by the kernel: at batch 64, 3,000 photos and a near-free model, steady
+#: 0.69 -> 0.80 of the stage limit (5 interleaved rounds).
+_float_batches = threading.local()
+
+
+def _float_batch_like(pixels: Any) -> Any:
+    """This thread's float32 CPU tensor shaped and laid out as `pixels` (made
+    when the last one differs), for the caller to overwrite."""
+    import torch
+
+    key = (tuple(pixels.shape), tuple(pixels.stride()))
+    kept = getattr(_float_batches, "kept", None)
+    if kept is None or kept[0] != key:
+        kept = (key, torch.empty_strided(pixels.shape, pixels.stride(), dtype=torch.float32))
+        _float_batches.kept = kept
+    return kept[1]
 
 
 def _once(level: int, message: str) -> None:
@@ -59,12 +80,18 @@ class Normalization:
     std: tuple[float, ...]
 
     def apply(self, pixels: Any) -> Any:
-        """float32 pixel values of a uint8 tensor, on the tensor's device."""
+        """float32 pixel values of a uint8 tensor, on the tensor's device and
+        in its memory format. On the CPU they are written into this thread's
+        reused batch (`_float_batch_like`): valid until the thread's next call,
+        which is the next forward pass."""
         import torch
 
-        values = pixels.to(torch.float32)
+        if pixels.device.type == "cpu":
+            values = _float_batch_like(pixels).copy_(pixels)
+        else:  # CUDA's caching allocator already reuses device memory
+            values = pixels.to(torch.float32)
         if self.divide is not None:
-            values = values.div(self.divide)
+            values.div_(self.divide)  # in place: one float32 batch, not two
         shape = (1, -1, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=values.device).view(shape)
         std = torch.tensor(self.std, dtype=torch.float32, device=values.device).view(shape)
