@@ -209,7 +209,7 @@ def _read(pipeline: beam.Pipeline, plan: JobPlan, output: OutputPlan) -> _Rows:
     committed (`--resume`) and the rows a previous output holds (`--skip-existing`)."""
     fmt = plan.record_format
     rows = pipeline | "ReadManifest" >> ReadImageRows(plan.input)
-    read = _Rows(rows, rows | "CountRows" >> beam.combiners.Count.Globally())
+    read = _Rows(rows, rows | "CountRows" >> _count())
     if output.resumed_files:
         committed = pipeline | "ReadCommitted" >> ReadCommitted(
             output.directory, output.resumed_files, fmt
@@ -235,6 +235,14 @@ def _read(pipeline: beam.Pipeline, plan: JobPlan, output: OutputPlan) -> _Rows:
         read.rows = split.rows
         read.skipped = split[SKIPPED_TAG]
     return read
+
+
+def _count() -> beam.PTransform:
+    """Count.Globally without the step that makes its 0 for an empty input:
+    the side input that reads the count has that default itself. On a local run
+    every step of the graph is a stage of its own after the labeling, so each
+    one saved comes off the end of the run."""
+    return beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
 
 
 @dataclass
@@ -285,19 +293,19 @@ def build(
         label.preload(plan.weights)
     records = read.rows | "LabelImages" >> label
     written = _write(plan, records, output)
-    skipped = (
-        read.skipped | "CountSkipped" >> beam.combiners.Count.Globally()
-        if read.skipped is not None
-        else pipeline | "NoneSkipped" >> beam.Create([0])
-    )
+    summarize = SummarizeRecords(fmt)
     side_inputs: dict[str, Any] = {
         "files": beam.pvalue.AsList(written),
         "stats": beam.pvalue.AsSingleton(
-            records | "Summarize" >> beam.CombineGlobally(SummarizeRecords(fmt))
+            records | "Summarize" >> beam.CombineGlobally(summarize).without_defaults(),
+            default_value=summarize.extract_output(summarize.create_accumulator()),
         ),
-        "rows_in": beam.pvalue.AsSingleton(read.rows_in),
-        "rows_skipped": beam.pvalue.AsSingleton(skipped),
+        "rows_in": beam.pvalue.AsSingleton(read.rows_in, default_value=0),
     }
+    if read.skipped is not None:  # else WriteSummary's default, 0
+        side_inputs["rows_skipped"] = beam.pvalue.AsSingleton(
+            read.skipped | "CountSkipped" >> _count(), default_value=0
+        )
     if read.resumed_stats is not None:
         side_inputs["resumed_stats"] = beam.pvalue.AsSingleton(read.resumed_stats)
     _ = (

@@ -216,6 +216,23 @@ def test_max_error_rate(tiny_vit: Path, photo_dir: Path, tmp_path: Path) -> None
     assert label(base + ["--output", str(tmp_path / "b"), "--max-error-rate", "0.7"]) == EXIT_OK
 
 
+def test_an_empty_manifest_gives_an_empty_finished_output(tiny_vit: Path, tmp_path: Path) -> None:
+    """No rows: the counts and the summary come from the side inputs' defaults."""
+    import pandas as pd
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("# nothing to label\n")
+    out = tmp_path / "out"
+    assert label(["--input", str(manifest), "--output", str(out), "--model", str(tiny_vit)]) == (
+        EXIT_OK
+    )
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert (summary["rows_in"], summary["rows_out"], summary["rows_skipped"]) == (0, 0, 0)
+    assert summary["rows_by_status"]["ok"] == 0 and summary["error_rate"] == 0.0
+    assert summary["top_labels"] == [] and summary["output_files"] == []
+    assert len(pd.read_parquet(out)) == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
