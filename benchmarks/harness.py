@@ -58,19 +58,6 @@ MODELS = ("mobilenet_v2", "default", "vit_b16")
 HF_BATCHES = (1, 4, 8, 16, 32)
 FORWARD_BATCHES = (4, 8, 16, 32)
 
-# The job's own peak RSS is VmHWM (ru_maxrss would carry the parent's across fork).
-_OURS = """
-import sys
-from pipelines.clock import process_started_at
-from pipelines.label_images import run
-code = run(sys.argv[1:], save_main_session=False, started_at=process_started_at())
-with open("/proc/self/status") as status:
-    peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
-print("BENCH_PEAK_RSS_KB", peak)
-sys.exit(code)
-"""
-
-
 # ---- children: each runs in a fresh process -----------------------------------------
 
 
@@ -341,7 +328,9 @@ def _value(stdout: str, key: str) -> list[str]:
 def run_ours(model_dir: str, manifest: str, extra: list[str]) -> dict[str, float]:
     """Our job as a user runs it; images/s from process start, first-row time, peak RSS."""
     out = Path(tempfile.mkdtemp(prefix="bench-harness-")) / "out"
-    cmd = [sys.executable, "-c", _OURS, "--input", manifest, "--output", str(out)]
+    from benchmarks.throughput import OURS_AS_THE_CLI
+
+    cmd = [sys.executable, "-c", OURS_AS_THE_CLI, "--input", manifest, "--output", str(out)]
     cmd += ["--model", model_dir, "--progress", "false", "--report", "false", *extra]
     before = _children_cpu()
     started = time.time()

@@ -150,21 +150,23 @@ def agreement(run: JobRun, reference: JobRun) -> float:
     return same / max(len(reference.labels), 1)
 
 
-# The job's own peak RSS is VmHWM, not ru_maxrss: Linux carries the parent's
-# RSS at fork into a child's ru_maxrss across exec, so ru_maxrss would report
-# this (large) benchmark process, not the job.
-_RUNNER = """
+# Our job exactly as the `label-images` command runs it (its `main()`, with the
+# garbage collector paused through start-up: `pipelines.heap`), then its peak
+# RSS. That is VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into
+# a child's ru_maxrss across exec, so ru_maxrss would report this (large)
+# benchmark process, not the job.
+OURS_AS_THE_CLI = """
 import resource, sys
-from pipelines.clock import process_started_at
-from pipelines.label_images import run
-code = run(sys.argv[1:], save_main_session=False, started_at=process_started_at())
+from pipelines.label_images import main
 try:
-    with open("/proc/self/status") as status:
-        peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
-except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("BENCH_PEAK_RSS_KB", peak)
-sys.exit(code)
+    main()
+finally:
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("BENCH_PEAK_RSS_KB", peak, flush=True)
 """
 
 
@@ -174,7 +176,7 @@ def run_ours(model: str, manifest: Path, extra: list[str]) -> JobRun:
     cmd = [
         sys.executable,
         "-c",
-        _RUNNER,
+        OURS_AS_THE_CLI,
         "--input",
         str(manifest),
         "--output",
