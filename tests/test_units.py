@@ -443,6 +443,10 @@ def test_cpu_batches_are_normalized_into_one_reused_float_batch_per_thread() -> 
     out = batch_to_device(second, "cpu", torch.float32, normalization, torch.channels_last)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, expected(second))
+    # A view that is not one dense batch (a grey channel broadcast to three) is
+    # converted, not reused: a buffer laid out like it would alias the channels.
+    grey = torch.from_numpy(first[0][:1]).unsqueeze(0).expand(1, 3, -1, -1)
+    assert torch.equal(normalization.apply(grey), expected([np.repeat(first[0][:1], 3, 0)]))
     # Another thread (the other bundle thread) never writes into this one's batch.
     mine = batch_to_device(first, "cpu", torch.float32, normalization)
     theirs: list[int] = []

@@ -86,7 +86,8 @@ class Normalization:
         which is the next forward pass."""
         import torch
 
-        if pixels.device.type == "cpu":
+        dense = pixels.is_contiguous() or pixels.is_contiguous(memory_format=torch.channels_last)
+        if pixels.device.type == "cpu" and dense:
             values = _float_batch_like(pixels).copy_(pixels)
         else:  # CUDA's caching allocator already reuses device memory
             values = pixels.to(torch.float32)
