@@ -411,7 +411,8 @@ def test_cuda_batches_are_pinned_and_copied_without_blocking(
 
 def test_cpu_batches_are_normalized_into_one_reused_float_batch_per_thread() -> None:
     """A float32 batch above glibc's mmap threshold would be fresh pages every
-    forward pass: each thread reuses its own, and every batch's values are its own."""
+    forward pass: under inference mode (as the forward passes run) each thread
+    reuses its own, and every batch's values are its own."""
     import threading
 
     import torch
@@ -430,31 +431,37 @@ def test_cpu_batches_are_normalized_into_one_reused_float_batch_per_thread() -> 
         mean = torch.tensor(normalization.mean).view(1, -1, 1, 1)
         return (values - mean) / torch.tensor(normalization.std).view(1, -1, 1, 1)
 
+    def forward_input(pixels: list[np.ndarray], memory_format: Any = None) -> torch.Tensor:
+        with torch.inference_mode():
+            return batch_to_device(pixels, "cpu", torch.float32, normalization, memory_format)
+
     first, second = batch(4), batch(4)
-    out = batch_to_device(first, "cpu", torch.float32, normalization)
+    out = forward_input(first)
     assert torch.equal(out, expected(first))
     address = out.data_ptr()
-    out = batch_to_device(second, "cpu", torch.float32, normalization)
+    out = forward_input(second)
     assert out.data_ptr() == address  # the same memory, rewritten
     assert torch.equal(out, expected(second))
     tail = batch(3)  # a bundle's last, smaller batch gets its own shape
-    assert torch.equal(batch_to_device(tail, "cpu", torch.float32, normalization), expected(tail))
+    assert torch.equal(forward_input(tail), expected(tail))
     # A CNN's layout is applied to the uint8 stack; the values are the same.
-    out = batch_to_device(second, "cpu", torch.float32, normalization, torch.channels_last)
+    out = forward_input(second, torch.channels_last)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, expected(second))
+    # Outside inference mode (the probe check when a model loads, in a thread that
+    # already ran forward passes of that shape) the batch is a fresh tensor.
+    forward_input(first)
+    outside = batch_to_device(second, "cpu", torch.float32, normalization)
+    assert outside.data_ptr() != address and torch.equal(outside, expected(second))
     # A view that is not one dense batch (a grey channel broadcast to three) is
     # converted, not reused: a buffer laid out like it would alias the channels.
     grey = torch.from_numpy(first[0][:1]).unsqueeze(0).expand(1, 3, -1, -1)
-    assert torch.equal(normalization.apply(grey), expected([np.repeat(first[0][:1], 3, 0)]))
+    with torch.inference_mode():
+        assert torch.equal(normalization.apply(grey), expected([np.repeat(first[0][:1], 3, 0)]))
     # Another thread (the other bundle thread) never writes into this one's batch.
-    mine = batch_to_device(first, "cpu", torch.float32, normalization)
+    mine = forward_input(first)
     theirs: list[int] = []
-    thread = threading.Thread(
-        target=lambda: theirs.append(
-            batch_to_device(second, "cpu", torch.float32, normalization).data_ptr()
-        )
-    )
+    thread = threading.Thread(target=lambda: theirs.append(forward_input(second).data_ptr()))
     thread.start()
     thread.join()
     assert theirs[0] != mine.data_ptr() and torch.equal(mine, expected(first))

@@ -81,13 +81,15 @@ class Normalization:
 
     def apply(self, pixels: Any) -> Any:
         """float32 pixel values of a uint8 tensor, on the tensor's device and
-        in its memory format. On the CPU they are written into this thread's
-        reused batch (`_float_batch_like`): valid until the thread's next call,
-        which is the next forward pass."""
+        in its memory format. On the CPU, under `torch.inference_mode()`, they
+        are written into this thread's reused batch (`_float_batch_like`):
+        valid until the thread's next call, which is the next forward pass."""
         import torch
 
         dense = pixels.is_contiguous() or pixels.is_contiguous(memory_format=torch.channels_last)
-        if pixels.device.type == "cpu" and dense:
+        # Only under inference mode, as the forward passes run: a tensor made
+        # there cannot be written outside it (the load-time probe check).
+        if pixels.device.type == "cpu" and dense and torch.is_inference_mode_enabled():
             values = _float_batch_like(pixels).copy_(pixels)
         else:  # CUDA's caching allocator already reuses device memory
             values = pixels.to(torch.float32)
