@@ -156,7 +156,7 @@ def agreement(run: JobRun, reference: JobRun) -> float:
 # a child's ru_maxrss across exec, so ru_maxrss would report this (large)
 # benchmark process, not the job.
 OURS_AS_THE_CLI = """
-import resource, sys
+import resource
 from pipelines.label_images import main
 try:
     main()

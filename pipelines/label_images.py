@@ -298,7 +298,7 @@ def build(
         "files": beam.pvalue.AsList(written),
         "stats": beam.pvalue.AsSingleton(
             records | "Summarize" >> beam.CombineGlobally(summarize).without_defaults(),
-            default_value=summarize.extract_output(summarize.create_accumulator()),
+            default_value=summarize.apply([]),  # what CombineGlobally's default step made
         ),
         "rows_in": beam.pvalue.AsSingleton(read.rows_in, default_value=0),
     }

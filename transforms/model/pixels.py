@@ -91,7 +91,7 @@ class Normalization:
         # there cannot be written outside it (the load-time probe check).
         if pixels.device.type == "cpu" and dense and torch.is_inference_mode_enabled():
             values = _float_batch_like(pixels).copy_(pixels)
-        else:  # CUDA's caching allocator already reuses device memory
+        else:  # a fresh tensor (on CUDA the caching allocator reuses device memory)
             values = pixels.to(torch.float32)
         if self.divide is not None:
             values.div_(self.divide)  # in place: one float32 batch, not two
