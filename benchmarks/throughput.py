@@ -157,7 +157,7 @@ def agreement(run: JobRun, reference: JobRun) -> float:
 # benchmark process, not the job.
 OURS_AS_THE_CLI = """
 import resource
-from pipelines.label_images import main
+from pipelines.cli import main
 try:
     main()
 finally:

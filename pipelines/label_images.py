@@ -73,7 +73,8 @@ from transforms.resolve import model_labels, models_metadata, resolve_models
 from transforms.rows import RecordFormat
 from transforms.spec import LabelingSpec
 
-heap.resume(_collector_was_on)
+if __name__ != "__main__":  # run as a program, `main` freezes what the import made
+    heap.resume(_collector_was_on)
 
 logs.release()
 

@@ -113,10 +113,7 @@ def test_sdist_and_wheel_contain_the_packages_and_configs(tmp_path: Path) -> Non
     assert len(modules) > 40
     assert modules <= set(names), sorted(modules - set(names))
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert (
-        "label-images = pipelines.label_images:main"
-        in zipfile.ZipFile(wheel).read(entry_points).decode()
-    )
+    assert "label-images = pipelines.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     sdist = next(tmp_path.glob("*.tar.gz"))
     with tarfile.open(sdist) as tar:
         members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}

@@ -558,6 +558,44 @@ def test_importing_the_job_keeps_the_callers_collector_setting(before: str) -> N
     assert out.stdout.split() == [str(before == "on"), "0"]
 
 
+@pytest.mark.parametrize(
+    "entry, walks_the_import",
+    [
+        ("pipelines.cli", False),
+        pytest.param("pipelines.label_images", True, marks=pytest.mark.slow),
+    ],
+)
+def test_the_command_never_walks_what_the_job_module_imported(
+    entry: str, walks_the_import: bool
+) -> None:
+    """The console script's entry point imports the job module with the collector
+    paused and keeps it paused until `main` freezes start-up; entered at the job
+    module, the import turns it back on and its first pass walks every object."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys\n"
+        "young = []\n"
+        "def seen(phase, info):\n"
+        "    if phase == 'start':\n"
+        "        young.append(gc.get_count()[0])\n"
+        "gc.callbacks.append(seen)\n"
+        "sys.argv = ['label-images', 'report', '--help']\n"
+        f"from {entry} import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('LARGEST', max(young, default=0))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    largest = int(out.stdout.split("LARGEST")[-1])
+    # A pass over the import's objects starts with ~400,000 young ones; the
+    # usual threshold is 700.
+    assert (largest > 100_000) is walks_the_import, largest
+
+
 def test_freeze_leaves_what_exists_to_reference_counting_and_collects_the_rest() -> None:
     import gc
     import weakref
