@@ -502,6 +502,8 @@ def run(
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] in (["report"], ["export"]):
+        heap.freeze()  # the collector on again for the subcommand, past start-up's objects
     if argv[:1] == ["report"]:
         sys.exit(report_main(argv[1:]))
     if argv[:1] == ["export"]:

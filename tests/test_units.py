@@ -587,6 +587,7 @@ def test_the_command_never_walks_what_the_job_module_imported(
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
+        "print('ENABLED', gc.isenabled())\n"
         "print('LARGEST', max(young, default=0))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -594,6 +595,7 @@ def test_the_command_never_walks_what_the_job_module_imported(
     # A pass over the import's objects starts with ~400,000 young ones; the
     # usual threshold is 700.
     assert (largest > 100_000) is walks_the_import, largest
+    assert "ENABLED True" in out.stdout  # on again for the subcommand
 
 
 def test_freeze_leaves_what_exists_to_reference_counting_and_collects_the_rest() -> None:
