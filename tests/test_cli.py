@@ -241,6 +241,7 @@ def test_an_empty_manifest_gives_an_empty_finished_output(tiny_vit: Path, tmp_pa
         (["--frobnicate"], "--frobnicate"),
         (["--model", "/does/not/exist"], "not a model directory"),
         (["--model", "some-org/some-model"], "--model DIR"),
+        (["--input", "IMAGE"], "names image files (photo.jpg), not a manifest"),
     ],
 )
 def test_bad_configuration_exits_2_with_a_clear_message(
@@ -253,6 +254,9 @@ def test_bad_configuration_exits_2_with_a_clear_message(
     src = tmp_path / "in.csv"
     src.write_text("uri\na.jpg\n")
     args = ["--input", str(src), "--output", str(tmp_path / "out")]
+    if extra[:2] == ["--input", "IMAGE"]:  # a photo where a manifest belongs
+        (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+        args, extra = ["--input", str(tmp_path / "photo.jpg"), *args[2:]], []
     if "--model" not in extra:
         args += ["--model", str(tiny_vit)]
     assert label(args + extra) == EXIT_BAD_CONFIG

@@ -129,6 +129,19 @@ def test_missing_input(tmp_path: Path) -> None:
         plan_input(str(tmp_path / "*.csv"))
 
 
+def test_image_files_as_the_input_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for name in ("a.jpg", "b.PNG", "c.webp"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    with pytest.raises(InputError, match=r"names image files \(a.jpg and 2 more\), not a manifest"):
+        plan_input(str(tmp_path / "*.*"))
+    with pytest.raises(InputError, match=r"\(b.PNG\).*--input photos.txt"):
+        plan_input(str(tmp_path / "b.PNG"))
+    (tmp_path / "photos.txt").write_text("a.jpg\nb.PNG\n")  # the manifest it asks for works
+    assert plan_input(str(tmp_path / "photos.txt")).format == "text"
+
+
 def test_resolve_uri() -> None:
     assert resolve_uri("a.jpg", "/data") == "/data/a.jpg"
     assert resolve_uri("../a.jpg", "/data/x") == "/data/a.jpg"

@@ -133,6 +133,14 @@ def detect_format(path: str) -> str:
     return _EXTENSIONS.get(ext, "text")
 
 
+def is_image_file(path: str) -> bool:
+    """Whether a file name is an image's (any extension Pillow reads)."""
+    from PIL import Image
+
+    ext = posixpath.splitext(_strip_compression(path).lower())[1]
+    return ext in Image.registered_extensions()
+
+
 def match_files(pattern: str) -> list[str]:
     """Expand a path, glob, directory URI or WebDataset brace pattern
     (``shards/{000000..000099}.tar``) into a list of files.

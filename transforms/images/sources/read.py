@@ -13,6 +13,7 @@ keyed by its position.
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from transforms.images.sources.plan import (
     choose_image_column,
     choose_uri_column,
     detect_format,
+    is_image_file,
     match_files,
 )
 from transforms.images.sources.tables import IMG2DATASET_IMAGE
@@ -114,6 +116,14 @@ def plan_input(
     if input_format == "img2dataset":
         raise InputError(f"--input {pattern} is no img2dataset folder (NNNNN.tar + .parquet)")
     files = match_files(pattern)
+    images = [f for f in files if is_image_file(f)] if input_format == "auto" else []
+    if images:
+        more = f" and {len(images) - 1} more" if len(images) > 1 else ""
+        raise InputError(
+            f"--input {pattern} names image files ({posixpath.basename(images[0])}{more}), "
+            "not a manifest: list their paths one per line (ls DIR/*.jpg > photos.txt) "
+            "and pass --input photos.txt"
+        )
     formats = {detect_format(f) for f in files} if input_format == "auto" else {input_format}
     if len(formats) > 1:
         raise InputError(f"--input {pattern} mixes formats {sorted(formats)}; pass one format")
