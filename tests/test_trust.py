@@ -189,7 +189,7 @@ def test_clip_without_task_or_labels_exits_2_saying_what_to_pass(
     tiny_clip: Path, photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    args = ["--input", str(photo_dir / "chelsea.jpg"), "--output", str(out)]
+    args = ["--input", str(_manifest([photo_dir / "chelsea.jpg"], tmp_path)), "--output", str(out)]
     assert run_job([*args, "--model", str(tiny_clip)]) == EXIT_BAD_CONFIG
     err = _one_line(capsys)
     assert "no classification head" in err and "--candidate-labels" in err
@@ -199,7 +199,12 @@ def test_clip_without_task_or_labels_exits_2_saying_what_to_pass(
 def test_clip_as_a_classifier_names_the_missing_weights(
     tiny_clip: Path, photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--input", str(photo_dir / "chelsea.jpg"), "--output", str(tmp_path / "out")]
+    args = [
+        "--input",
+        str(_manifest([photo_dir / "chelsea.jpg"], tmp_path)),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     code = run_job([*args, "--model", str(tiny_clip), "--task", "image-classification"])
     assert code == EXIT_BAD_CONFIG
     err = _one_line(capsys)
@@ -211,7 +216,12 @@ def test_missing_head_weights_are_refused_everywhere(
 ) -> None:
     from transforms.api import LabelImages, classify
 
-    args = ["--input", str(photo_dir / "chelsea.jpg"), "--output", str(tmp_path / "out")]
+    args = [
+        "--input",
+        str(_manifest([photo_dir / "chelsea.jpg"], tmp_path)),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert run_job([*args, "--model", str(headless_vit)]) == EXIT_BAD_CONFIG
     err = _one_line(capsys)
     assert "classifier.bias" in err and "classifier.weight" in err
