@@ -35,6 +35,7 @@ from transforms.images.sources.plan import (
     detect_format,
     is_image_file,
     match_files,
+    one_unit,
 )
 from transforms.images.sources.tables import IMG2DATASET_IMAGE
 from transforms.rows import ImageRow
@@ -251,15 +252,21 @@ class ReadImageRows(beam.PTransform):
         self._plan = plan
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        rows = (
-            pbegin
-            | "ListFiles" >> beam.Create(list(enumerate(self._plan.files)))
-            | "SplitUnits" >> beam.ParDo(_SplitUnits(self._plan))
-            # Spread row groups over workers before reading them.
-            | "SpreadUnits" >> beam.Reshuffle()
-            | "ReadRows" >> beam.ParDo(_ReadRows(self._plan))
-        )
-        if self._plan.image_column:
+        plan = self._plan
+        if len(plan.files) == 1 and READERS[plan.format].units is one_unit:
+            # One work unit in all: there is nothing to spread, and each step
+            # saved is a stage less on a local run.
+            units = pbegin | "ListUnits" >> beam.Create([(0, plan.files[0], 0)])
+        else:
+            units = (
+                pbegin
+                | "ListFiles" >> beam.Create(list(enumerate(plan.files)))
+                | "SplitUnits" >> beam.ParDo(_SplitUnits(plan))
+                # Spread files and row groups over workers before reading them.
+                | "SpreadUnits" >> beam.Reshuffle()
+            )
+        rows = units | "ReadRows" >> beam.ParDo(_ReadRows(plan))
+        if plan.image_column:
             # Rows carry image bytes: shuffling them would copy every image and,
             # on a local runner, hold them all in memory. Row groups are spread.
             return rows
