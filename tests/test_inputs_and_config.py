@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.config import ConfigError, load_config
 from transforms.errors import ErrorCode
 from transforms.images.sources import InputError, count_rows, plan_input
 from transforms.images.sources import manifest as manifest_reader
-from transforms.images.sources.read import _ReadRows
+from transforms.images.sources.read import ReadImageRows, _ReadRows
 from transforms.rows import RecordFormat
 from transforms.uri import resolve_uri
 
@@ -102,6 +105,40 @@ def test_parquet_row_groups_are_keyed_by_position(tmp_path: Path) -> None:
     assert [r.values["n"] for r in rows] == list(range(10))
     assert [r.index for r in rows] == [f"0:{i}" for i in range(10)]
     assert count_rows(plan) == 10
+
+
+@pytest.mark.parametrize(
+    ("layout", "spread"),
+    [("one manifest", False), ("two manifests", True), ("row groups", True)],
+)
+def test_the_read_spreads_units_only_when_there_are_several(
+    tmp_path: Path, layout: str, spread: bool
+) -> None:
+    """Every row arrives exactly once; the units' reshuffle is there only when
+    there is more than one unit to spread (a lone one costs a stage a run)."""
+    if layout == "row groups":
+        table = pa.table({"uri": [f"{i}.jpg" for i in range(10)]})
+        pq.write_table(table, tmp_path / "in.parquet", row_group_size=3)
+        pattern = str(tmp_path / "in.parquet")
+    else:
+        for name in ("a", "b")[: 2 if layout == "two manifests" else 1]:
+            (tmp_path / f"{name}.txt").write_text("".join(f"{name}{i}.jpg\n" for i in range(5)))
+        pattern = str(tmp_path / "*.txt")
+    plan = plan_input(pattern)
+    with BeamTestPipeline() as pipeline:
+        rows = pipeline | ReadImageRows(plan) | beam.Map(lambda r: r.uri.rsplit("/", 1)[-1])
+        expected = (
+            [f"{i}.jpg" for i in range(10)]
+            if layout == "row groups"
+            else [
+                f"{n}{i}.jpg"
+                for n in ("a", "b")[: 2 if layout == "two manifests" else 1]
+                for i in range(5)
+            ]
+        )
+        assert_that(rows, equal_to(expected))
+    names = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
+    assert any(name.endswith("/SpreadUnits") for name in names) is spread
 
 
 def test_directory_of_parquet(tmp_path: Path) -> None:
