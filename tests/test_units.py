@@ -449,10 +449,13 @@ def test_cpu_batches_are_normalized_into_one_reused_float_batch_per_thread() -> 
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, expected(second))
     # Outside inference mode (the probe check when a model loads, in a thread that
-    # already ran forward passes of that shape) the batch is a fresh tensor.
-    forward_input(first)
+    # already ran forward passes of that shape) the batch is a fresh tensor, and
+    # the thread's reused batch keeps its values. (Compared with the batch that is
+    # kept now, alive: an earlier one's freed memory may be handed out again.)
+    kept = forward_input(first)
     outside = batch_to_device(second, "cpu", torch.float32, normalization)
-    assert outside.data_ptr() != address and torch.equal(outside, expected(second))
+    assert outside.data_ptr() != kept.data_ptr() and torch.equal(outside, expected(second))
+    assert torch.equal(kept, expected(first))
     # A view that is not one dense batch (a grey channel broadcast to three) is
     # converted, not reused: a buffer laid out like it would alias the channels.
     grey = torch.from_numpy(first[0][:1]).unsqueeze(0).expand(1, 3, -1, -1)
