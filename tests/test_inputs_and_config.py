@@ -117,25 +117,18 @@ def test_the_read_spreads_units_only_when_there_are_several(
     """Every row arrives exactly once; the units' reshuffle is there only when
     there is more than one unit to spread (a lone one costs a stage a run)."""
     if layout == "row groups":
-        table = pa.table({"uri": [f"{i}.jpg" for i in range(10)]})
-        pq.write_table(table, tmp_path / "in.parquet", row_group_size=3)
+        expected = [f"{i}.jpg" for i in range(10)]
+        pq.write_table(pa.table({"uri": expected}), tmp_path / "in.parquet", row_group_size=3)
         pattern = str(tmp_path / "in.parquet")
     else:
-        for name in ("a", "b")[: 2 if layout == "two manifests" else 1]:
+        manifests = ("a", "b") if layout == "two manifests" else ("a",)
+        expected = [f"{name}{i}.jpg" for name in manifests for i in range(5)]
+        for name in manifests:
             (tmp_path / f"{name}.txt").write_text("".join(f"{name}{i}.jpg\n" for i in range(5)))
         pattern = str(tmp_path / "*.txt")
     plan = plan_input(pattern)
     with BeamTestPipeline() as pipeline:
         rows = pipeline | ReadImageRows(plan) | beam.Map(lambda r: r.uri.rsplit("/", 1)[-1])
-        expected = (
-            [f"{i}.jpg" for i in range(10)]
-            if layout == "row groups"
-            else [
-                f"{n}{i}.jpg"
-                for n in ("a", "b")[: 2 if layout == "two manifests" else 1]
-                for i in range(5)
-            ]
-        )
         assert_that(rows, equal_to(expected))
     names = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
     assert any(name.endswith("/SpreadUnits") for name in names) is spread
